@@ -1,0 +1,50 @@
+"""Engine configuration: one dataclass shared by the offline API, the Triton model and the launcher.
+
+The Triton model reads these from `config.pbtxt` parameters (all strings there); `pagedllm serve` writes them
+from its command-line flags. Zero means "derive it" for `num_kv_blocks` and `max_model_len`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model_dir: str = ""
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16  (auto: bf16/fp16 on CUDA, fp32 on CPU)
+    kernels: str = "auto"  # auto | triton | torch  (auto: triton on CUDA, torch on CPU)
+    block_size: int = 16  # tokens per KV block, a power of two >= 16
+    num_kv_blocks: int = 0  # 0: size the cache from kv_cache_memory_fraction (CUDA) or 4096 tokens' worth (CPU)
+    kv_cache_memory_fraction: float = 0.9  # of the GPU memory left after the weights
+    max_num_seqs: int = 64  # sequences decoded together at most
+    max_model_len: int = 0  # 0: the checkpoint's max_position_embeddings
+    max_num_batched_tokens: int = 2048  # tokens in one forward pass (prefill is chunked to fit)
+
+    @classmethod
+    def from_strings(cls, values: dict[str, str]) -> "EngineConfig":
+        """Build from string values (Triton config parameters), ignoring unknown keys and empty strings."""
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            raw = values.get(f.name)
+            if raw is None or raw == "":
+                continue
+            kwargs[f.name] = _cast(f.default, raw, f.name)
+        return cls(**kwargs)
+
+    def to_strings(self) -> dict[str, str]:
+        return {k: str(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _cast(default, raw: str, name: str):
+    try:
+        if isinstance(default, bool):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        return raw
+    except ValueError as e:
+        raise ValueError(f"engine parameter {name!r}: cannot parse {raw!r}") from e

@@ -1,0 +1,222 @@
+"""The engine: load a checkpoint, accept requests, and step the batch until every request finishes.
+
+`make_sequence` validates a request and can run on any thread (it reads only what never changes);
+`add`, `abort` and `step` belong to the single thread that drives the engine.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import EngineConfig
+from ..detokenizer import IncrementalDetokenizer
+from ..kernels import get_ops
+from ..model.checkpoint import load_model_spec, load_weights
+from ..model.llama import LlamaForCausalLM
+from ..sampling_params import SamplingParams
+from .block_manager import BlockManager
+from .model_runner import ModelRunner
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger("pagedllm")
+
+CPU_DEFAULT_KV_TOKENS = 16384
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses. The message starts with the offending input's name."""
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str  # "" when the checkpoint has no tokenizer
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for but no CUDA GPU is visible")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be one of auto, {', '.join(dtypes)}; got {name!r}")
+    return dtypes[name]
+
+
+def load_tokenizer(model_dir: str):
+    d = Path(model_dir)
+    if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.spec = load_model_spec(config.model_dir)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        kernels = config.kernels if config.kernels != "auto" else ("triton" if self.device.type == "cuda" else "torch")
+        self.ops = get_ops(kernels)
+        self.tokenizer = load_tokenizer(config.model_dir)
+
+        max_model_len = config.max_model_len or self.spec.max_position_embeddings
+        if self.spec.sliding_window:  # we attend to the whole context: stay within the window
+            max_model_len = min(max_model_len, self.spec.sliding_window)
+        weights = load_weights(config.model_dir, self.dtype, self.device)
+        self.model = LlamaForCausalLM(self.spec, weights, self.ops, max_positions=max_model_len)
+        del weights
+
+        bs = config.block_size
+        if bs < 16 or bs & (bs - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {bs}")
+        num_blocks = config.num_kv_blocks or self._default_num_blocks(bs)
+        # A sequence must always fit in the cache by itself, or preemption could never make room for it.
+        self.max_model_len = min(max_model_len, num_blocks * bs)
+        self.block_manager = BlockManager(num_blocks, bs)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, num_blocks, bs)
+        self.eos_token_ids = frozenset(self.spec.eos_token_ids)
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        log.info("pagedllm engine: %s on %s/%s, kernels=%s, %d KV blocks of %d tokens, max_model_len=%d",
+                 self.spec.model_type, self.device, self.dtype, self.ops.name, num_blocks, bs, self.max_model_len)
+
+    def _default_num_blocks(self, block_size: int) -> int:
+        per_block = ModelRunner.kv_bytes_per_block(self.spec, block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return max(1, int(free * self.config.kv_cache_memory_fraction) // per_block)
+        return CPU_DEFAULT_KV_TOKENS // block_size
+
+    # ---- requests (any thread) ------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequest("text_input: this checkpoint has no tokenizer; send input_ids or prompt_embeds")
+        return list(self.tokenizer(text)["input_ids"])
+
+    def make_sequence(self, request_id: str, params: SamplingParams, prompt_token_ids=None,
+                      prompt_embeds: torch.Tensor | None = None) -> Sequence:
+        """Validate one request and build its Sequence. Raises InvalidRequest naming the bad input."""
+        if (prompt_token_ids is None) == (prompt_embeds is None):
+            raise InvalidRequest("prompt: send exactly one of input_ids, prompt_embeds, text_input")
+        if prompt_embeds is not None:
+            name, n = "prompt_embeds", self._check_embeds(prompt_embeds)
+            prompt_embeds = prompt_embeds.to(device=self.device, dtype=self.dtype)
+            token_ids = [0] * n
+        else:
+            name, token_ids = "input_ids", [int(t) for t in prompt_token_ids]
+            n = len(token_ids)
+            if n == 0:
+                raise InvalidRequest("input_ids: the prompt is empty")
+            bad = [t for t in token_ids if not 0 <= t < self.spec.vocab_size]
+            if bad:
+                raise InvalidRequest(f"input_ids: token id {bad[0]} is outside the vocabulary "
+                                     f"[0, {self.spec.vocab_size})")
+        if n >= self.max_model_len:
+            raise InvalidRequest(f"{name}: the prompt has {n} tokens but the model length is "
+                                 f"{self.max_model_len} (prompt plus at least one generated token)")
+        try:
+            params.validate(self.spec.vocab_size, self.max_model_len)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+        seed = params.seed if params.seed is not None else random.getrandbits(64)
+        return Sequence(request_id, token_ids, n, params, seed, prompt_embeds)
+
+    def _check_embeds(self, t: torch.Tensor) -> int:
+        if not isinstance(t, torch.Tensor):
+            raise InvalidRequest("prompt_embeds: expected a tensor")
+        hidden = self.spec.hidden_size
+        if t.dim() != 2 or t.shape[1] != hidden:
+            raise InvalidRequest(f"prompt_embeds: expected shape [seq_len, {hidden}] but got {list(t.shape)}")
+        if t.shape[0] == 0:
+            raise InvalidRequest("prompt_embeds: the prompt is empty (seq_len 0)")
+        if not t.is_floating_point():
+            raise InvalidRequest(f"prompt_embeds: expected a floating-point tensor, got {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidRequest("prompt_embeds: contains NaN or Inf")
+        return t.shape[0]
+
+    # ---- the engine thread ----------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self._seqs:
+            raise InvalidRequest(f"request_id: {seq.request_id!r} is already running")
+        self._seqs[seq.request_id] = seq
+        if self.tokenizer is not None:
+            self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._output(seq, [], finished=True)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        tokens = self.runner.run(batch)
+        outputs, sampled = [], iter(tokens)
+        for item in batch:
+            seq = item.seq
+            samples = item.samples
+            seq.num_computed_tokens += item.num_new_tokens
+            if not samples:
+                continue
+            token = next(sampled)
+            seq.token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            outputs.append(self._output(seq, [token], finished=reason is not None))
+        return outputs
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence, new_ids: list[int], finished: bool) -> RequestOutput:
+        text = ""
+        detok = self._detok.get(seq.request_id)
+        if detok is not None:
+            text = detok.add(new_ids, finished)
+        if finished:
+            self._seqs.pop(seq.request_id, None)
+            self._detok.pop(seq.request_id, None)
+        return RequestOutput(seq.request_id, new_ids, text, finished, seq.finish_reason,
+                             seq.num_prompt_tokens, seq.num_output_tokens)

@@ -1,0 +1,90 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+Each step has a token budget (max_num_batched_tokens). Running sequences go first, oldest first: a decoding
+sequence takes one token, one still in prefill takes the next chunk of its prompt. Waiting sequences join
+with what budget is left, so a new request starts its prefill at the next step while others keep decoding.
+When the cache runs out of blocks, the newest running sequence is preempted: its blocks are freed and it
+goes back to the front of the queue, to be recomputed (prompt plus tokens so far) when room returns.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int  # tokens this step feeds, starting at seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Does this step reach the sequence's last token, so that a new token is sampled?"""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take seq out of the queues (finished or aborted) and return its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def schedule(self) -> list[ScheduledSequence]:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        bm = self.block_manager
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not bm.can_grow(seq, seq.num_computed_tokens + n) and self.running[-1] is not seq:
+                self._preempt(self.running.pop())
+            if not bm.can_grow(seq, seq.num_computed_tokens + n):
+                self._preempt(self.running.pop())  # seq is the newest and still does not fit
+                break
+            bm.grow(seq, seq.num_computed_tokens + n)
+            scheduled.append(ScheduledSequence(seq, n))
+            budget -= n
+            i += 1
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not bm.can_grow(seq, seq.num_computed_tokens + n):
+                break
+            bm.grow(seq, seq.num_computed_tokens + n)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSequence(seq, n))
+            budget -= n
+        return scheduled
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

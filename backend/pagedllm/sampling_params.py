@@ -1,0 +1,47 @@
+"""How one request wants its tokens chosen and when it stops."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_TOP_K = 1 << 20
+MAX_SEED = (1 << 64) - 1
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # 1 = off
+    top_k: int = 0  # 0 or -1 = off
+    seed: int | None = None  # None: a fresh random seed per request
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def validate(self, vocab_size: int, max_new_tokens: int) -> None:
+        """Raise ValueError('<name>: <problem>') for the first bad value."""
+        def bad(name, msg):
+            raise ValueError(f"{name}: {msg}")
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        if self.max_tokens > max_new_tokens:
+            bad("max_tokens", f"{self.max_tokens} is more than the model can generate after this prompt "
+                              f"({max_new_tokens})")
+        if not _finite(self.temperature) or self.temperature < 0 or self.temperature > 100:
+            bad("temperature", f"must be in [0, 100], got {self.temperature!r}")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1 \
+                or self.top_k > MAX_TOP_K:
+            bad("top_k", f"must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED):
+            bad("seed", f"must be an integer in [0, 2^64), got {self.seed!r}")
+        for t in self.stop_token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                bad("stop_token_ids", f"{t!r} is outside the vocabulary [0, {vocab_size})")
+        if not isinstance(self.ignore_eos, bool):
+            bad("ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")

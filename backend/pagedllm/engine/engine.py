@@ -175,6 +175,17 @@ class LLMEngine:
         self.scheduler.finish(seq, "abort")
         return self._output(seq, [], finished=True)
 
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self._seqs)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 

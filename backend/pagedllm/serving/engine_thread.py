@@ -1,0 +1,78 @@
+"""Drives an LLMEngine on a background thread so that Triton's `execute` only validates and enqueues.
+
+Other threads talk to it through one queue: `submit` a validated Sequence, `abort` a request id. The loop
+drains the queue, runs one engine step, and hands the step's outputs to `on_outputs`; when there is no work
+it sleeps on the queue. A failing step fails the requests in flight, not the thread.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Callable
+
+from ..engine.engine import LLMEngine, RequestOutput
+from ..engine.sequence import Sequence
+
+log = logging.getLogger("pagedllm")
+
+
+class EngineThread:
+    def __init__(self, engine: LLMEngine, on_outputs: Callable[[list[RequestOutput]], None],
+                 on_error: Callable[[str, str], None], after_step: Callable[[], None] = lambda: None):
+        self.engine = engine
+        self._on_outputs = on_outputs
+        self._on_error = on_error  # (request_id, message): the request failed inside the engine
+        self._after_step = after_step
+        self._inbox: queue.Queue = queue.Queue()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="pagedllm-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        self._inbox.put(("add", seq))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout)
+
+    def _handle(self, kind: str, arg) -> list[RequestOutput]:
+        if kind == "add":
+            try:
+                self.engine.add(arg)
+            except ValueError as e:
+                self._on_error(arg.request_id, str(e))
+            return []
+        if kind == "abort":
+            out = self.engine.abort(arg)
+            return [out] if out is not None else []
+        return []
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            outputs: list[RequestOutput] = []
+            try:
+                # Block only when idle; otherwise take whatever arrived and step.
+                block = not self.engine.has_unfinished()
+                while True:
+                    kind, arg = self._inbox.get(block=block)
+                    block = False
+                    if kind == "stop":
+                        return
+                    outputs += self._handle(kind, arg)
+            except queue.Empty:
+                pass
+            try:
+                outputs += self.engine.step()
+            except Exception as e:  # a bug or an OOM: fail what is in flight, keep serving
+                log.exception("pagedllm: engine step failed")
+                for request_id in self.engine.unfinished_request_ids():
+                    self.engine.abort(request_id)
+                    self._on_error(request_id, f"internal error in the engine step: {e}")
+            if outputs:
+                self._on_outputs(outputs)
+            self._after_step()

@@ -1,0 +1,166 @@
+"""Turn one Triton request's tensors and parameters into a prompt and SamplingParams, or a clear error.
+
+Kept free of `triton_python_backend_utils` so it is tested directly. Every error is an InvalidRequest whose
+message starts with the name of the input at fault.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..engine.engine import InvalidRequest
+from ..sampling_params import SamplingParams
+
+PROMPT_INPUTS = ("input_ids", "prompt_embeds", "prompt_embeds_fp32", "text_input")
+# Sampling keys accepted as input tensors, inside `sampling_parameters` JSON, or as request parameters.
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos")
+FLAG_KEYS = ("stream", "exclude_input_in_output", "return_finish_reason", "return_num_input_tokens",
+             "return_num_output_tokens")
+MAX_SAMPLING_JSON_BYTES = 64 * 1024
+
+
+@dataclass
+class ParsedRequest:
+    params: SamplingParams
+    stream: bool
+    exclude_input_in_output: bool
+    prompt_token_ids: list[int] | None = None
+    prompt_embeds: torch.Tensor | None = None
+    prompt_text: str | None = None  # set for text_input prompts (prepended to text_output when asked)
+
+
+def _to_int(name: str, v: Any) -> int:
+    if isinstance(v, bool):
+        raise InvalidRequest(f"{name}: expected an integer, got {v!r}")
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str):
+        try:
+            return int(v.strip())
+        except ValueError:
+            pass
+    raise InvalidRequest(f"{name}: expected an integer, got {v!r}")
+
+
+def _to_float(name: str, v: Any) -> float:
+    if isinstance(v, bool):
+        raise InvalidRequest(f"{name}: expected a number, got {v!r}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"{name}: expected a number, got {v!r}") from None
+    if not math.isfinite(f):
+        raise InvalidRequest(f"{name}: expected a finite number, got {v!r}")
+    return f
+
+
+def _to_bool(name: str, v: Any) -> bool:
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0"):
+        return v.strip().lower() in ("true", "1")
+    raise InvalidRequest(f"{name}: expected a boolean, got {v!r}")
+
+
+def _to_int_list(name: str, v: Any) -> list[int]:
+    if isinstance(v, str):
+        try:
+            v = json.loads(v) if v.strip().startswith("[") else [x for x in v.split(",") if x.strip()]
+        except json.JSONDecodeError:
+            raise InvalidRequest(f"{name}: expected a list of integers, got {v!r}") from None
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        v = [v]
+    if not isinstance(v, (list, tuple, np.ndarray)):
+        raise InvalidRequest(f"{name}: expected a list of integers, got {v!r}")
+    return [_to_int(name, x) for x in v]
+
+
+_CONVERT: dict[str, Callable[[str, Any], Any]] = {
+    "max_tokens": _to_int, "temperature": _to_float, "top_p": _to_float, "top_k": _to_int,
+    "seed": _to_int, "stop_token_ids": _to_int_list, "ignore_eos": _to_bool,
+}
+
+
+def _scalar(name: str, arr: np.ndarray) -> Any:
+    if arr.size != 1:
+        raise InvalidRequest(f"{name}: expected one value, got shape {list(arr.shape)}")
+    v = arr.reshape(-1)[0]
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v
+
+
+def _sampling_json(arr: np.ndarray) -> dict:
+    raw = _scalar("sampling_parameters", arr)
+    if len(raw) > MAX_SAMPLING_JSON_BYTES:
+        raise InvalidRequest("sampling_parameters: larger than 64 KiB")
+    try:
+        obj = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError as e:
+        raise InvalidRequest(f"sampling_parameters: not valid JSON ({e.msg} at position {e.pos})") from None
+    if not isinstance(obj, dict):
+        raise InvalidRequest("sampling_parameters: expected a JSON object")
+    unknown = sorted(set(obj) - set(SAMPLING_KEYS))
+    if unknown:
+        raise InvalidRequest(f"sampling_parameters: unsupported key {unknown[0]!r} (supported: "
+                             f"{', '.join(SAMPLING_KEYS)})")
+    return obj
+
+
+def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict, tokenize) -> ParsedRequest:
+    """get(name) returns the input as numpy or None; parameters are the request's parameters;
+    tokenize(text) -> ids (raises InvalidRequest when there is no tokenizer)."""
+    present = [n for n in PROMPT_INPUTS if get(n) is not None]
+    if len(present) != 1:
+        what = "none was given" if not present else f"got {', '.join(present)}"
+        raise InvalidRequest(f"prompt: send exactly one of input_ids, prompt_embeds, prompt_embeds_fp32, "
+                             f"text_input; {what}")
+
+    values: dict[str, Any] = {}
+    for key in SAMPLING_KEYS + FLAG_KEYS:  # lowest precedence: request parameters
+        if key in parameters:
+            values[key] = (f"parameter {key}", parameters[key])
+    sp = get("sampling_parameters")
+    if sp is not None:
+        for key, v in _sampling_json(sp).items():
+            values[key] = (f"sampling_parameters.{key}", v)
+    for key in SAMPLING_KEYS + FLAG_KEYS:  # highest precedence: input tensors
+        arr = get(key)
+        if arr is not None:
+            values[key] = (key, arr.reshape(-1).tolist() if key == "stop_token_ids" else _scalar(key, arr))
+
+    kwargs = {}
+    for key in SAMPLING_KEYS:
+        if key in values:
+            label, v = values[key]
+            kwargs[key] = _CONVERT[key](label, v)
+    flags = {k: _to_bool(*values[k]) for k in FLAG_KEYS if k in values}
+    params = SamplingParams(**kwargs)
+    if params.top_k == -1:
+        params.top_k = 0
+
+    out = ParsedRequest(params, flags.get("stream", False), flags.get("exclude_input_in_output", False))
+    name = present[0]
+    arr = get(name)
+    if name == "input_ids":
+        if arr.ndim != 1:
+            raise InvalidRequest(f"input_ids: expected shape [seq_len], got {list(arr.shape)}")
+        out.prompt_token_ids = arr.astype(np.int64).tolist()
+    elif name == "text_input":
+        text = _scalar("text_input", arr)
+        if not text:
+            raise InvalidRequest("text_input: the prompt is empty")
+        out.prompt_text = text
+        out.prompt_token_ids = tokenize(text)
+    else:
+        if arr.ndim != 2:
+            raise InvalidRequest(f"{name}: expected shape [seq_len, hidden_size], got {list(arr.shape)}")
+        out.prompt_embeds = torch.from_numpy(np.array(arr, copy=True))  # copy: the request's memory goes away
+    return out

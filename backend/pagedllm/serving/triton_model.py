@@ -1,0 +1,234 @@
+"""The `llm` model of the Triton model repository: a thin adapter between Triton's Python backend and the
+engine. `execute` validates each request and hands it to the engine thread, then returns; responses go out
+from a sender thread (each send is an IPC round trip, so the engine thread never waits on one), which also
+watches for cancelled requests. Only this module imports `triton_python_backend_utils`.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ..config import EngineConfig
+from ..engine.engine import InvalidRequest, LLMEngine, RequestOutput
+from .engine_thread import EngineThread
+from .request_parser import parse_request
+
+log = logging.getLogger("pagedllm")
+CANCEL_POLL_SECONDS = 0.05
+LATENCY_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]
+
+
+@dataclass
+class _RequestState:
+    sender: object
+    stream: bool
+    exclude_input: bool
+    prompt_text: str | None
+    requested: set[str]
+    arrival: float
+    last_token_time: float | None = None
+    token_ids: list[int] = field(default_factory=list)  # accumulated when not streaming
+    text: list[str] = field(default_factory=list)
+    cancelled: bool = False
+
+
+class _Metrics:
+    def __init__(self, labels: dict[str, str], total_blocks: int):
+        self._families = []  # a MetricFamily must outlive its Metrics, so keep them all
+
+        def family(name, desc, kind):
+            self._families.append(pb_utils.MetricFamily(name=name, description=desc, kind=kind))
+            return self._families[-1]
+
+        gauge, counter, hist = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER, \
+            pb_utils.MetricFamily.HISTOGRAM
+        self.free_blocks = family("pagedllm_kv_blocks_free", "Free KV-cache blocks", gauge).Metric(labels)
+        self.total_blocks = family("pagedllm_kv_blocks_total", "KV-cache blocks in all", gauge).Metric(labels)
+        self.total_blocks.set(total_blocks)
+        self.running = family("pagedllm_num_requests_running", "Sequences in the running batch", gauge).Metric(labels)
+        self.waiting = family("pagedllm_num_requests_waiting", "Sequences waiting for the batch", gauge).Metric(labels)
+        self.prompt_tokens = family("pagedllm_prompt_tokens_total", "Prompt tokens admitted", counter).Metric(labels)
+        self.generation_tokens = family("pagedllm_generation_tokens_total", "Tokens generated", counter).Metric(labels)
+        self.ttft = family("pagedllm_time_to_first_token_seconds", "Time to first token", hist).Metric(
+            labels, buckets=LATENCY_BUCKETS)
+        self.itl = family("pagedllm_inter_token_latency_seconds", "Time between tokens of a request", hist).Metric(
+            labels, buckets=LATENCY_BUCKETS)
+        self._last = None
+
+    def set_gauges(self, free: int, running: int, waiting: int) -> None:
+        if self._last != (free, running, waiting):  # each set is an IPC call: only on change
+            self._last = (free, running, waiting)
+            self.free_blocks.set(free)
+            self.running.set(running)
+            self.waiting.set(waiting)
+
+
+def _engine_config(args: dict) -> EngineConfig:
+    params = json.loads(args["model_config"]).get("parameters", {})
+    values = {k: v.get("string_value", "") for k, v in params.items()}
+    cfg = EngineConfig.from_strings(values)
+    if not cfg.model_dir:
+        cfg.model_dir = os.environ.get("PAGEDLLM_MODEL_DIR", "")
+    if not cfg.model_dir:
+        raise ValueError("the llm model needs a checkpoint: set the `model_dir` parameter in config.pbtxt")
+    if not os.path.isabs(cfg.model_dir):  # relative paths are relative to the model's folder
+        cfg.model_dir = os.path.join(args["model_repository"], cfg.model_dir)
+    return cfg
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        self.engine = LLMEngine(_engine_config(args))
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        self.metrics = _Metrics(labels, self.engine.block_manager.num_blocks)
+        self._ids = itertools.count()
+        self._states: dict[str, _RequestState] = {}  # touched by the sender thread only, after registration
+        self._outbox: queue.Queue = queue.Queue()
+        self._closing = False
+        self._sender_thread = threading.Thread(target=self._send_loop, name="pagedllm-sender", daemon=True)
+        self._sender_thread.start()
+        self.engine_thread = EngineThread(
+            self.engine,
+            on_outputs=lambda outs: self._outbox.put(("outputs", outs)),
+            on_error=lambda rid, msg: self._outbox.put(("error", (rid, msg))),
+            after_step=self._update_gauges)
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        e = self.engine
+        self.metrics.set_gauges(e.num_free_blocks, e.num_running, e.num_waiting)
+
+    # ---- execute: validate, enqueue, return ---------------------------------------------------------
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                parsed = parse_request(lambda name: _input(request, name), _parameters(request),
+                                       self.engine.tokenize)
+                request_id = f"{next(self._ids)}-{request.request_id()}"
+                seq = self.engine.make_sequence(request_id, parsed.params, parsed.prompt_token_ids,
+                                                parsed.prompt_embeds)
+            except InvalidRequest as e:
+                _send_error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
+                continue
+            state = _RequestState(sender, parsed.stream, parsed.exclude_input_in_output, parsed.prompt_text,
+                                  set(request.requested_output_names()), time.monotonic())
+            self._outbox.put(("register", (request_id, state)))
+            self.metrics.prompt_tokens.increment(seq.num_prompt_tokens)
+            self.engine_thread.submit(seq)
+        return None
+
+    # ---- the sender thread --------------------------------------------------------------------------
+    def _send_loop(self) -> None:
+        next_poll = time.monotonic()
+        while True:
+            try:
+                kind, arg = self._outbox.get(timeout=CANCEL_POLL_SECONDS)
+            except queue.Empty:
+                kind, arg = None, None
+            if kind == "stop":
+                return
+            if kind == "register":
+                self._states[arg[0]] = arg[1]
+            elif kind == "outputs":
+                for out in arg:
+                    self._deliver(out)
+            elif kind == "error":
+                state = self._states.pop(arg[0], None)
+                if state is not None:
+                    _send_error(state.sender, arg[1], pb_utils.TritonError.INTERNAL)
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + CANCEL_POLL_SECONDS
+                self._poll_cancellations()
+
+    def _poll_cancellations(self) -> None:
+        for request_id, state in self._states.items():
+            if not state.cancelled and state.sender.is_cancelled():
+                state.cancelled = True
+                self.engine_thread.abort(request_id)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        state = self._states.get(out.request_id)
+        if state is None:
+            return
+        now = time.monotonic()
+        if out.new_token_ids:
+            self.metrics.generation_tokens.increment(len(out.new_token_ids))
+            if state.last_token_time is None:
+                self.metrics.ttft.observe(now - state.arrival)
+            else:
+                self.metrics.itl.observe(now - state.last_token_time)
+            state.last_token_time = now
+        if out.finished:
+            del self._states[out.request_id]
+            if out.finish_reason == "abort":
+                _send_error(state.sender, "request cancelled", pb_utils.TritonError.CANCELLED)
+                return
+        if state.stream:
+            response = self._response(state, out.new_token_ids, out.new_text, out)
+        else:
+            state.token_ids += out.new_token_ids
+            state.text.append(out.new_text)
+            if not out.finished:
+                return
+            text = "".join(state.text)
+            if state.prompt_text is not None and not state.exclude_input:
+                text = state.prompt_text + text
+            response = self._response(state, state.token_ids, text, out)
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if out.finished else 0
+        try:
+            state.sender.send(response, flags=flags)
+        except Exception as e:  # the client went away: stop generating for it
+            log.warning("pagedllm: sending to %s failed (%s); aborting it", out.request_id, e)
+            if not out.finished:
+                self._states.pop(out.request_id, None)
+                self.engine_thread.abort(out.request_id)
+
+    @staticmethod
+    def _response(state: _RequestState, token_ids: list[int], text: str, out: RequestOutput):
+        values = {
+            "token_ids": np.asarray(token_ids, dtype=np.int64),
+            "text_output": np.array([text.encode("utf-8")], dtype=np.object_),
+            "finish_reason": np.array([(out.finish_reason or "").encode()], dtype=np.object_),
+            "num_input_tokens": np.array([out.num_prompt_tokens], dtype=np.uint32),
+            "num_output_tokens": np.array([out.num_output_tokens], dtype=np.uint32),
+        }
+        names = state.requested or values.keys()
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor(n, v) for n, v in values.items() if n in names])
+
+    def finalize(self):
+        self.engine_thread.stop()
+        self._outbox.put(("stop", None))
+        self._sender_thread.join(5)
+        for state in self._states.values():
+            _send_error(state.sender, "the model is being unloaded", pb_utils.TritonError.UNAVAILABLE)
+
+
+def _input(request, name: str):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else t.as_numpy()
+
+
+def _parameters(request) -> dict:
+    raw = request.parameters()
+    try:
+        return json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _send_error(sender, message: str, code) -> None:
+    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)),
+                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

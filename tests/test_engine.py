@@ -1,0 +1,196 @@
+"""The engine on its own (no server): greedy output equals transformers, token for token, for input_ids and
+for prompt_embeds, across block boundaries, batching, chunked prefill and preemption; blocks always return."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_reference import embeds_fp16, hf_greedy
+from pagedllm.config import EngineConfig
+from pagedllm.engine.engine import InvalidRequest, LLMEngine
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.tiny_model import make_tiny_model
+
+BLOCK = 16
+PROMPT_LENGTHS = (1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5)
+MAX_TOKENS = 24  # decoding crosses at least one block boundary for every prompt
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "qwen3"])
+def checkpoint(request, tmp_path_factory) -> str:
+    arch = request.param
+    extra = {"rope_scaling": "llama3"} if arch == "llama" else {"tie_embeddings": True} if arch == "qwen2" else {}
+    return str(make_tiny_model(tmp_path_factory.mktemp(arch), arch=arch, seed=1, **extra))
+
+
+def prompts(vocab: int = 512, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+def run_all(engine: LLMEngine, requests: dict[str, dict]) -> dict[str, list[int]]:
+    """Add every request, step until all finish, return each one's tokens."""
+    for rid, kw in requests.items():
+        engine.add(engine.make_sequence(rid, kw.pop("params", GREEDY), **kw))
+    tokens: dict[str, list[int]] = {rid: [] for rid in requests}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+    assert engine.num_free_blocks == engine.block_manager.num_blocks, "KV blocks leaked"
+    return tokens
+
+
+def make_engine(model_dir: str, **overrides) -> LLMEngine:
+    return LLMEngine(EngineConfig(model_dir=model_dir, block_size=BLOCK, num_kv_blocks=64, **overrides))
+
+
+def test_batch_of_ids_and_embeds_matches_transformers(checkpoint):
+    engine = make_engine(checkpoint)
+    requests = {}
+    for i, p in enumerate(prompts()):
+        requests[f"ids{i}"] = {"prompt_token_ids": p}
+        requests[f"emb{i}"] = {"prompt_embeds": embeds_fp16(checkpoint, p)}
+    got = run_all(engine, requests)
+    for i, p in enumerate(prompts()):
+        assert got[f"ids{i}"] == hf_greedy(checkpoint, ids=p, max_new_tokens=MAX_TOKENS), f"input_ids len {len(p)}"
+        ref = hf_greedy(checkpoint, embeds=embeds_fp16(checkpoint, p), max_new_tokens=MAX_TOKENS)
+        assert got[f"emb{i}"] == ref, f"prompt_embeds len {len(p)}"
+
+
+def test_each_prompt_alone_matches_transformers(checkpoint):
+    engine = make_engine(checkpoint)
+    for i, p in enumerate(prompts(seed=1)):
+        got = run_all(engine, {"r": {"prompt_token_ids": p}})["r"]
+        assert got == hf_greedy(checkpoint, ids=p, max_new_tokens=MAX_TOKENS), f"len {len(p)}"
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> str:
+    return str(make_tiny_model(tmp_path_factory.mktemp("llama"), arch="llama", seed=3))
+
+
+def test_chunked_prefill_matches_transformers(llama):
+    engine = make_engine(llama, max_num_batched_tokens=7)  # every prompt is cut into chunks of <= 7 tokens
+    ps = prompts(seed=2)
+    got = run_all(engine, {f"r{i}": {"prompt_token_ids": p} for i, p in enumerate(ps)})
+    for i, p in enumerate(ps):
+        assert got[f"r{i}"] == hf_greedy(llama, ids=p, max_new_tokens=MAX_TOKENS)
+
+
+def test_preemption_recomputes_and_still_matches(llama):
+    # 9 blocks of 16 tokens cannot hold all five sequences at once: the newest are preempted and recomputed.
+    engine = LLMEngine(EngineConfig(model_dir=llama, block_size=BLOCK, num_kv_blocks=9))
+    ps = prompts(seed=3)
+    got = run_all(engine, {f"r{i}": {"prompt_token_ids": p} for i, p in enumerate(ps)})
+    assert engine.scheduler.num_preemptions > 0
+    for i, p in enumerate(ps):
+        assert got[f"r{i}"] == hf_greedy(llama, ids=p, max_new_tokens=MAX_TOKENS)
+
+
+def test_request_joins_the_running_batch_at_the_next_step(llama):
+    engine = make_engine(llama)
+    a, b = prompts(seed=4)[2], prompts(seed=4)[4]
+    engine.add(engine.make_sequence("a", GREEDY, prompt_token_ids=a))
+    got = {"a": [], "b": []}
+    for _ in range(3):
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+    engine.add(engine.make_sequence("b", GREEDY, prompt_token_ids=b))
+    step_outputs = engine.step()  # one forward pass: a's decode token and b's whole prefill
+    assert {o.request_id for o in step_outputs} == {"a", "b"}
+    assert len(engine.scheduler.running) == 2
+    for out in step_outputs:
+        got[out.request_id] += out.new_token_ids
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+    assert got["a"] == hf_greedy(llama, ids=a, max_new_tokens=MAX_TOKENS)
+    assert got["b"] == hf_greedy(llama, ids=b, max_new_tokens=MAX_TOKENS)
+    assert engine.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_stop_conditions(llama):
+    engine = make_engine(llama)
+    p = prompts(seed=5)[3]
+    ref = hf_greedy(llama, ids=p, max_new_tokens=MAX_TOKENS)
+    stop_at = ref[5]
+    outs = {}
+    for rid, params in {
+        "len": SamplingParams(max_tokens=4, temperature=0),
+        "stop": SamplingParams(max_tokens=MAX_TOKENS, temperature=0, stop_token_ids=[stop_at]),
+    }.items():
+        engine.add(engine.make_sequence(rid, params, prompt_token_ids=p))
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+    assert [t for o in outs["len"] for t in o.new_token_ids] == ref[:4]
+    assert outs["len"][-1].finish_reason == "length"
+    assert [t for o in outs["stop"] for t in o.new_token_ids] == ref[:ref.index(stop_at) + 1]
+    assert outs["stop"][-1].finish_reason == "stop"
+
+
+def test_eos_stops_unless_ignored(llama):
+    engine = make_engine(llama)
+    assert engine.eos_token_ids == {2}  # the tiny checkpoint's </s>, from generation_config.json
+    # Random weights rarely produce </s>: declare a token the greedy continuation does produce to be EOS.
+    p = prompts(seed=6)[1]
+    ref = hf_greedy(llama, ids=p, max_new_tokens=MAX_TOKENS)
+    engine.eos_token_ids = frozenset({ref[2]})
+    got = run_all(engine, {"r": {"prompt_token_ids": p}})["r"]
+    assert got == ref[:ref.index(ref[2]) + 1]
+    ignore = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    got = run_all(engine, {"r": {"prompt_token_ids": p, "params": ignore}})["r"]
+    assert got == ref and len(got) == MAX_TOKENS
+
+
+def test_abort_frees_blocks(llama):
+    engine = make_engine(llama)
+    engine.add(engine.make_sequence("a", GREEDY, prompt_token_ids=prompts()[4]))
+    engine.step()
+    assert engine.num_free_blocks < engine.block_manager.num_blocks
+    out = engine.abort("a")
+    assert out.finished and out.finish_reason == "abort"
+    assert engine.num_free_blocks == engine.block_manager.num_blocks
+    assert not engine.has_unfinished()
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(llama):
+    engine = make_engine(llama)
+    p = prompts(seed=7)[3]
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=1234)
+    alone = run_all(engine, {"r": {"prompt_token_ids": p, "params": params}})["r"]
+    others = {f"o{i}": {"prompt_token_ids": q, "params": SamplingParams(max_tokens=12, temperature=1.0, seed=i)}
+              for i, q in enumerate(prompts(seed=8))}
+    batched = run_all(engine, {"r": {"prompt_token_ids": p, "params": params}, **others})
+    assert batched["r"] == alone
+    other_seed = run_all(engine, {"r": {"prompt_token_ids": p, "params": SamplingParams(
+        max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=99)}})["r"]
+    assert other_seed != alone
+    top1 = run_all(engine, {"r": {"prompt_token_ids": p, "params": SamplingParams(
+        max_tokens=12, temperature=1.0, top_k=1, seed=5)}})["r"]
+    assert top1 == hf_greedy(llama, ids=p, max_new_tokens=12)
+
+
+@pytest.mark.parametrize("kwargs, params, message", [
+    ({"prompt_token_ids": []}, GREEDY, "input_ids: the prompt is empty"),
+    ({"prompt_token_ids": [1, 99999]}, GREEDY, "input_ids: token id 99999 is outside the vocabulary"),
+    ({"prompt_token_ids": [-1]}, GREEDY, "input_ids: token id -1"),
+    ({"prompt_token_ids": [5] * 600}, GREEDY, "input_ids: the prompt has 600 tokens"),
+    ({"prompt_embeds": torch.zeros(3, 32)}, GREEDY, "prompt_embeds: expected shape [seq_len, 64] but got [3, 32]"),
+    ({"prompt_embeds": torch.zeros(0, 64)}, GREEDY, "prompt_embeds: the prompt is empty"),
+    ({"prompt_embeds": torch.full((2, 64), float("nan"))}, GREEDY, "prompt_embeds: contains NaN or Inf"),
+    ({"prompt_embeds": torch.zeros(2, 3, 64)}, GREEDY, "prompt_embeds: expected shape"),
+    ({}, GREEDY, "prompt: send exactly one"),
+    ({"prompt_token_ids": [5]}, SamplingParams(max_tokens=0), "max_tokens"),
+    ({"prompt_token_ids": [5]}, SamplingParams(temperature=-1), "temperature"),
+    ({"prompt_token_ids": [5]}, SamplingParams(top_p=0), "top_p"),
+    ({"prompt_token_ids": [5]}, SamplingParams(top_k=-5), "top_k"),
+    ({"prompt_token_ids": [5]}, SamplingParams(stop_token_ids=[10**9]), "stop_token_ids"),
+])
+def test_bad_requests_are_refused_with_the_input_named(llama, kwargs, params, message):
+    engine = make_engine(llama)
+    with pytest.raises(InvalidRequest) as e:
+        engine.make_sequence("bad", params, **kwargs)
+    assert message in str(e.value)
+    assert engine.num_free_blocks == engine.block_manager.num_blocks

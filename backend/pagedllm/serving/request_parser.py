@@ -90,6 +90,10 @@ _CONVERT: dict[str, Callable[[str, Any], Any]] = {
 }
 
 
+def _convert(label: str, key: str, value: Any) -> Any:
+    return _CONVERT.get(key, _to_bool)(label, value)
+
+
 def _scalar(name: str, arr: np.ndarray) -> Any:
     if arr.size != 1:
         raise InvalidRequest(f"{name}: expected one value, got shape {list(arr.shape)}")
@@ -123,25 +127,23 @@ def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict, tok
         raise InvalidRequest(f"prompt: send exactly one of input_ids, prompt_embeds, prompt_embeds_fp32, "
                              f"text_input; {what}")
 
+    # Every source is converted (and so validated) even where a higher-precedence one overrides it.
     values: dict[str, Any] = {}
     for key in SAMPLING_KEYS + FLAG_KEYS:  # lowest precedence: request parameters
         if key in parameters:
-            values[key] = (f"parameter {key}", parameters[key])
+            values[key] = _convert(f"parameter {key}", key, parameters[key])
     sp = get("sampling_parameters")
     if sp is not None:
         for key, v in _sampling_json(sp).items():
-            values[key] = (f"sampling_parameters.{key}", v)
+            values[key] = _convert(f"sampling_parameters.{key}", key, v)
     for key in SAMPLING_KEYS + FLAG_KEYS:  # highest precedence: input tensors
         arr = get(key)
         if arr is not None:
-            values[key] = (key, arr.reshape(-1).tolist() if key == "stop_token_ids" else _scalar(key, arr))
+            values[key] = _convert(key, key, arr.reshape(-1).tolist() if key == "stop_token_ids"
+                                   else _scalar(key, arr))
 
-    kwargs = {}
-    for key in SAMPLING_KEYS:
-        if key in values:
-            label, v = values[key]
-            kwargs[key] = _CONVERT[key](label, v)
-    flags = {k: _to_bool(*values[k]) for k in FLAG_KEYS if k in values}
+    kwargs = {k: values[k] for k in SAMPLING_KEYS if k in values}
+    flags = {k: values[k] for k in FLAG_KEYS if k in values}
     params = SamplingParams(**kwargs)
     if params.top_k == -1:
         params.top_k = 0

@@ -2,6 +2,7 @@
 over gRPC and with HTTP /generate and /generate_stream. Greedy output must equal transformers'."""
 from __future__ import annotations
 
+import base64
 import json
 import time
 
@@ -142,6 +143,22 @@ def test_http_generate_stream_text_and_ids(srv, model_dir, tokenizer):
     assert [t for e in events for t in as_list(e["token_ids"])] == hf_greedy(model_dir, ids=ids, max_new_tokens=MAX_TOKENS)
 
 
+def test_http_embeds_fp32_and_base64_equal_grpc_fp16(srv, model_dir):
+    ids = ids_of(7, 13)
+    embeds = embeds_fp16(model_dir, ids).numpy()
+    grpc = stream_one(srv.grpc_url, {"prompt_embeds": embeds, **GREEDY})
+    assert grpc.error is None
+    body = {"max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+    code, fp32 = http_generate(srv.http_url, {**body, "prompt_embeds_fp32": embeds.astype(np.float32).ravel().tolist()},
+                               stream=True)
+    assert code == 200, fp32
+    b64 = base64.b64encode(embeds.astype("<f2").tobytes()).decode()
+    code, b64_events = http_generate(srv.http_url, {**body, "prompt_embeds_base64": b64}, stream=True)
+    assert code == 200, b64_events
+    for events in (fp32, b64_events):
+        assert [t for e in events for t in as_list(e["token_ids"])] == grpc.token_ids
+
+
 GOOD = {"input_ids": np.array([5, 6, 7], np.int64), **GREEDY}
 BAD_REQUESTS = {
     "no prompt": ({**GREEDY}, "prompt: send exactly one"),
@@ -163,6 +180,11 @@ BAD_REQUESTS = {
     "top_p": ({**GOOD, "top_p": np.array([1.5], np.float32)}, "top_p"),
     "top_k": ({**GOOD, "top_k": np.array([-7], np.int32)}, "top_k"),
     "stop ids": ({**GOOD, "stop_token_ids": np.array([10**7], np.int64)}, "stop_token_ids"),
+    "fp32 ragged": ({"prompt_embeds_fp32": np.zeros((100,), np.float32)}, "prompt_embeds_fp32: 100 values"),
+    "fp32 nan": ({"prompt_embeds_fp32": np.full((64,), np.nan, np.float32)}, "prompt_embeds_fp32: contains NaN"),
+    "base64 junk": ({"prompt_embeds_base64": np.array(["%%%"])}, "prompt_embeds_base64: not valid base64"),
+    "base64 huge": ({"prompt_embeds_base64": np.array(["A" * 200000])}, "prompt_embeds_base64: 200000 characters"),
+    "text too long": ({"text_input": np.array(["word " * 2000])}, "text_input: the prompt has"),
     "sampling json": ({**GOOD, "sampling_parameters": np.array(["{not json"])}, "sampling_parameters: not valid JSON"),
     "sampling value": ({**GOOD, "sampling_parameters": np.array(['{"temperature": "hot"}'])},
                        "sampling_parameters.temperature"),

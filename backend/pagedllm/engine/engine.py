@@ -118,22 +118,24 @@ class LLMEngine:
         return list(self.tokenizer(text)["input_ids"])
 
     def make_sequence(self, request_id: str, params: SamplingParams, prompt_token_ids=None,
-                      prompt_embeds: torch.Tensor | None = None) -> Sequence:
-        """Validate one request and build its Sequence. Raises InvalidRequest naming the bad input."""
+                      prompt_embeds: torch.Tensor | None = None, prompt_name: str = "") -> Sequence:
+        """Validate one request and build its Sequence. Raises InvalidRequest naming the bad input
+        (`prompt_name` names the input the prompt came in, when it was not input_ids or prompt_embeds)."""
         if (prompt_token_ids is None) == (prompt_embeds is None):
             raise InvalidRequest("prompt: send exactly one of input_ids, prompt_embeds, text_input")
         if prompt_embeds is not None:
-            name, n = "prompt_embeds", self._check_embeds(prompt_embeds)
+            name = prompt_name or "prompt_embeds"
+            n = self._check_embeds(prompt_embeds, name)
             prompt_embeds = prompt_embeds.to(device=self.device, dtype=self.dtype)
             token_ids = [0] * n
         else:
-            name, token_ids = "input_ids", [int(t) for t in prompt_token_ids]
+            name, token_ids = prompt_name or "input_ids", [int(t) for t in prompt_token_ids]
             n = len(token_ids)
             if n == 0:
-                raise InvalidRequest("input_ids: the prompt is empty")
+                raise InvalidRequest(f"{name}: the prompt is empty")
             bad = [t for t in token_ids if not 0 <= t < self.spec.vocab_size]
             if bad:
-                raise InvalidRequest(f"input_ids: token id {bad[0]} is outside the vocabulary "
+                raise InvalidRequest(f"{name}: token id {bad[0]} is outside the vocabulary "
                                      f"[0, {self.spec.vocab_size})")
         if n >= self.max_model_len:
             raise InvalidRequest(f"{name}: the prompt has {n} tokens but the model length is "
@@ -145,18 +147,18 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else random.getrandbits(64)
         return Sequence(request_id, token_ids, n, params, seed, prompt_embeds)
 
-    def _check_embeds(self, t: torch.Tensor) -> int:
+    def _check_embeds(self, t: torch.Tensor, name: str) -> int:
         if not isinstance(t, torch.Tensor):
-            raise InvalidRequest("prompt_embeds: expected a tensor")
+            raise InvalidRequest(f"{name}: expected a tensor")
         hidden = self.spec.hidden_size
         if t.dim() != 2 or t.shape[1] != hidden:
-            raise InvalidRequest(f"prompt_embeds: expected shape [seq_len, {hidden}] but got {list(t.shape)}")
+            raise InvalidRequest(f"{name}: expected shape [seq_len, {hidden}] but got {list(t.shape)}")
         if t.shape[0] == 0:
-            raise InvalidRequest("prompt_embeds: the prompt is empty (seq_len 0)")
+            raise InvalidRequest(f"{name}: the prompt is empty (seq_len 0)")
         if not t.is_floating_point():
-            raise InvalidRequest(f"prompt_embeds: expected a floating-point tensor, got {t.dtype}")
+            raise InvalidRequest(f"{name}: expected a floating-point tensor, got {t.dtype}")
         if not bool(torch.isfinite(t).all()):
-            raise InvalidRequest("prompt_embeds: contains NaN or Inf")
+            raise InvalidRequest(f"{name}: contains NaN or Inf")
         return t.shape[0]
 
     # ---- the engine thread ----------------------------------------------------------------------------

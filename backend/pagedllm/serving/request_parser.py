@@ -5,6 +5,8 @@ message starts with the name of the input at fault.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ import torch
 from ..engine.engine import InvalidRequest
 from ..sampling_params import SamplingParams
 
-PROMPT_INPUTS = ("input_ids", "prompt_embeds", "prompt_embeds_fp32", "text_input")
+PROMPT_INPUTS = ("input_ids", "prompt_embeds", "prompt_embeds_fp32", "prompt_embeds_base64", "text_input")
 # Sampling keys accepted as input tensors, inside `sampling_parameters` JSON, or as request parameters.
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos")
 FLAG_KEYS = ("stream", "exclude_input_in_output", "return_finish_reason", "return_num_input_tokens",
@@ -32,6 +34,7 @@ class ParsedRequest:
     prompt_token_ids: list[int] | None = None
     prompt_embeds: torch.Tensor | None = None
     prompt_text: str | None = None  # set for text_input prompts (prepended to text_output when asked)
+    prompt_name: str = ""  # which input carried the prompt, for error messages
 
 
 def _to_int(name: str, v: Any) -> int:
@@ -118,14 +121,39 @@ def _sampling_json(arr: np.ndarray) -> dict:
     return obj
 
 
-def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict, tokenize) -> ParsedRequest:
+def _flat_embeds(name: str, flat: np.ndarray, hidden_size: int) -> torch.Tensor:
+    """A row-major flat vector -> [seq_len, hidden_size]; the length must be a multiple of hidden_size."""
+    if flat.size % hidden_size:
+        raise InvalidRequest(f"{name}: {flat.size} values is not a whole number of rows of hidden_size "
+                             f"{hidden_size}")
+    return torch.from_numpy(np.array(flat, copy=True).reshape(-1, hidden_size))
+
+
+def _base64_embeds(arr: np.ndarray, hidden_size: int, max_len: int) -> torch.Tensor:
+    raw = arr.reshape(-1)[0] if arr.size == 1 else None
+    if not isinstance(raw, (bytes, str)):
+        raise InvalidRequest("prompt_embeds_base64: expected one base64 string")
+    limit = (max_len * hidden_size * 2 * 4) // 3 + 8  # base64 of the longest allowed prompt
+    if len(raw) > limit:
+        raise InvalidRequest(f"prompt_embeds_base64: {len(raw)} characters is more than the longest prompt "
+                             f"({max_len} rows of {hidden_size}) needs")
+    try:
+        data = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("prompt_embeds_base64: not valid base64") from None
+    if len(data) % 2:
+        raise InvalidRequest("prompt_embeds_base64: odd number of bytes (expected little-endian FP16)")
+    return _flat_embeds("prompt_embeds_base64", np.frombuffer(data, dtype="<f2"), hidden_size)
+
+
+def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict, tokenize,
+                  hidden_size: int, max_model_len: int) -> ParsedRequest:
     """get(name) returns the input as numpy or None; parameters are the request's parameters;
     tokenize(text) -> ids (raises InvalidRequest when there is no tokenizer)."""
     present = [n for n in PROMPT_INPUTS if get(n) is not None]
     if len(present) != 1:
         what = "none was given" if not present else f"got {', '.join(present)}"
-        raise InvalidRequest(f"prompt: send exactly one of input_ids, prompt_embeds, prompt_embeds_fp32, "
-                             f"text_input; {what}")
+        raise InvalidRequest(f"prompt: send exactly one of {', '.join(PROMPT_INPUTS)}; {what}")
 
     # Every source is converted (and so validated) even where a higher-precedence one overrides it.
     values: dict[str, Any] = {}
@@ -161,8 +189,13 @@ def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict, tok
             raise InvalidRequest("text_input: the prompt is empty")
         out.prompt_text = text
         out.prompt_token_ids = tokenize(text)
+    elif name == "prompt_embeds_fp32":
+        out.prompt_embeds = _flat_embeds(name, arr.reshape(-1), hidden_size)
+    elif name == "prompt_embeds_base64":
+        out.prompt_embeds = _base64_embeds(arr, hidden_size, max_model_len)
     else:
         if arr.ndim != 2:
             raise InvalidRequest(f"{name}: expected shape [seq_len, hidden_size], got {list(arr.shape)}")
         out.prompt_embeds = torch.from_numpy(np.array(arr, copy=True))  # copy: the request's memory goes away
+    out.prompt_name = name
     return out

@@ -115,10 +115,11 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 parsed = parse_request(lambda name: _input(request, name), _parameters(request),
-                                       self.engine.tokenize)
+                                       self.engine.tokenize, self.engine.spec.hidden_size,
+                                       self.engine.max_model_len)
                 request_id = f"{next(self._ids)}-{request.request_id()}"
                 seq = self.engine.make_sequence(request_id, parsed.params, parsed.prompt_token_ids,
-                                                parsed.prompt_embeds)
+                                                parsed.prompt_embeds, prompt_name=parsed.prompt_name)
             except InvalidRequest as e:
                 _send_error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
                 continue

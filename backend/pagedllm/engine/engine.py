@@ -33,7 +33,7 @@ class InvalidRequest(ValueError):
 
 
 @dataclass
-class RequestOutput:
+class StepOutput:
     request_id: str
     new_token_ids: list[int]
     new_text: str  # "" when the checkpoint has no tokenizer
@@ -170,7 +170,7 @@ class LLMEngine:
             self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer)
         self.scheduler.add(seq)
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def abort(self, request_id: str) -> StepOutput | None:
         seq = self._seqs.get(request_id)
         if seq is None:
             return None
@@ -195,7 +195,7 @@ class LLMEngine:
     def num_free_blocks(self) -> int:
         return self.block_manager.num_free_blocks
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[StepOutput]:
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -223,7 +223,7 @@ class LLMEngine:
             return "length"
         return None
 
-    def _output(self, seq: Sequence, new_ids: list[int], finished: bool) -> RequestOutput:
+    def _output(self, seq: Sequence, new_ids: list[int], finished: bool) -> StepOutput:
         text = ""
         detok = self._detok.get(seq.request_id)
         if detok is not None:
@@ -231,5 +231,5 @@ class LLMEngine:
         if finished:
             self._seqs.pop(seq.request_id, None)
             self._detok.pop(seq.request_id, None)
-        return RequestOutput(seq.request_id, new_ids, text, finished, seq.finish_reason,
+        return StepOutput(seq.request_id, new_ids, text, finished, seq.finish_reason,
                              seq.num_prompt_tokens, seq.num_output_tokens)

@@ -11,14 +11,14 @@ import queue
 import threading
 from typing import Callable
 
-from ..engine.engine import LLMEngine, RequestOutput
+from ..engine.engine import LLMEngine, StepOutput
 from ..engine.sequence import Sequence
 
 log = logging.getLogger("pagedllm")
 
 
 class EngineThread:
-    def __init__(self, engine: LLMEngine, on_outputs: Callable[[list[RequestOutput]], None],
+    def __init__(self, engine: LLMEngine, on_outputs: Callable[[list[StepOutput]], None],
                  on_error: Callable[[str, str], None], after_step: Callable[[], None] = lambda: None):
         self.engine = engine
         self._on_outputs = on_outputs
@@ -40,7 +40,7 @@ class EngineThread:
         self._inbox.put(("stop", None))
         self._thread.join(timeout)
 
-    def _handle(self, kind: str, arg) -> list[RequestOutput]:
+    def _handle(self, kind: str, arg) -> list[StepOutput]:
         if kind == "add":
             try:
                 self.engine.add(arg)
@@ -54,7 +54,7 @@ class EngineThread:
 
     def _loop(self) -> None:
         while not self._stopping:
-            outputs: list[RequestOutput] = []
+            outputs: list[StepOutput] = []
             try:
                 # Block only when idle; otherwise take whatever arrived and step.
                 block = not self.engine.has_unfinished()

@@ -19,7 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..config import EngineConfig
-from ..engine.engine import InvalidRequest, LLMEngine, RequestOutput
+from ..engine.engine import InvalidRequest, LLMEngine, StepOutput
 from .engine_thread import EngineThread
 from .request_parser import parse_request
 
@@ -159,7 +159,7 @@ class TritonPythonModel:
                 state.cancelled = True
                 self.engine_thread.abort(request_id)
 
-    def _deliver(self, out: RequestOutput) -> None:
+    def _deliver(self, out: StepOutput) -> None:
         state = self._states.get(out.request_id)
         if state is None:
             return
@@ -197,7 +197,7 @@ class TritonPythonModel:
                 self.engine_thread.abort(out.request_id)
 
     @staticmethod
-    def _response(state: _RequestState, token_ids: list[int], text: str, out: RequestOutput):
+    def _response(state: _RequestState, token_ids: list[int], text: str, out: StepOutput):
         values = {
             "token_ids": np.asarray(token_ids, dtype=np.int64),
             "text_output": np.array([text.encode("utf-8")], dtype=np.object_),

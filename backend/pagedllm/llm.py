@@ -1,0 +1,107 @@
+"""The offline API: generate from Python without a server.
+
+    from pagedllm import LLM, SamplingParams
+    llm = LLM(model="path/to/checkpoint")
+    outs = llm.generate([{"prompt_embeds": t}, {"prompt_token_ids": [1, 2, 3]}, "Hello"],
+                        SamplingParams(temperature=0, max_tokens=32))
+    outs[0].outputs[0].text, outs[0].outputs[0].token_ids
+
+Prompts of every kind go into one continuous batch; results come back in input order.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .config import EngineConfig
+from .engine.engine import LLMEngine
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class CompletionOutput:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None  # the text, for text prompts
+    prompt_token_ids: list[int] | None  # None for embedding prompts
+    num_prompt_tokens: int
+    outputs: list[CompletionOutput]
+    finished: bool = True
+
+
+class LLM:
+    def __init__(self, model: str, **engine_options: Any):
+        """engine_options are EngineConfig fields: device, dtype, kernels, block_size, num_kv_blocks, ..."""
+        self.engine = LLMEngine(EngineConfig(model_dir=str(model), **engine_options))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        """prompts: a string, {"prompt": str}, {"prompt_token_ids": ids}, {"prompt_embeds": tensor
+        [seq_len, hidden_size]}, or a list mixing them. Raises ValueError naming a bad prompt's input."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) \
+            else list(sampling_params)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params: got {len(params)} for {len(prompts)} prompts")
+
+        results: dict[str, RequestOutput] = {}
+        order = []
+        seqs = [self._sequence(p, sp, results, order) for p, sp in zip(prompts, params)]  # validate all first
+        for seq in seqs:
+            self.engine.add(seq)
+        texts: dict[str, list[str]] = {rid: [] for rid in order}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                completion = results[out.request_id].outputs[0]
+                completion.token_ids += out.new_token_ids
+                texts[out.request_id].append(out.new_text)
+                if out.finished:
+                    completion.finish_reason = out.finish_reason
+        for rid in order:
+            results[rid].outputs[0].text = "".join(texts[rid])
+        return [results[rid] for rid in order]
+
+    def _sequence(self, prompt, params: SamplingParams, results: dict, order: list):
+        rid = str(next(self._ids))
+        text, ids, embeds = _unpack(prompt)
+        if text is not None:
+            ids = self.engine.tokenize(text)
+        seq = self.engine.make_sequence(rid, params, prompt_token_ids=ids, prompt_embeds=embeds)
+        results[rid] = RequestOutput(rid, text, list(ids) if ids is not None else None, seq.num_prompt_tokens,
+                                     [CompletionOutput("", [], None)])
+        order.append(rid)
+        return seq
+
+
+def _unpack(prompt) -> tuple[str | None, list[int] | None, torch.Tensor | None]:
+    if isinstance(prompt, str):
+        return prompt, None, None
+    if not isinstance(prompt, dict):
+        raise ValueError(f"prompt: expected a string or a dict, got {type(prompt).__name__}")
+    keys = set(prompt) & {"prompt", "prompt_token_ids", "prompt_embeds"}
+    if len(keys) != 1:
+        raise ValueError("prompt: a dict needs exactly one of 'prompt', 'prompt_token_ids', 'prompt_embeds'")
+    ids = prompt.get("prompt_token_ids")
+    if ids is not None:
+        ids = [int(t) for t in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    embeds = prompt.get("prompt_embeds")
+    if embeds is not None and not isinstance(embeds, torch.Tensor):
+        embeds = torch.as_tensor(embeds)
+    return prompt.get("prompt"), ids, embeds

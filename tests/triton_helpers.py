@@ -47,7 +47,8 @@ class GrpcStream:
     (tests that expect errors send one request per stream) and kept in `errors` as well.
     """
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, model: str = "llm"):
+        self.model = model
         self.client = grpcclient.InferenceServerClient(url)
         self.results: dict[str, Streamed] = {}
         self.pending: set[str] = set()
@@ -82,7 +83,7 @@ class GrpcStream:
     def send(self, request_id: str, values: dict, parameters: dict | None = None) -> None:
         self.results[request_id] = Streamed()
         self.pending.add(request_id)
-        self.client.async_stream_infer("llm", infer_inputs(values), request_id=request_id,
+        self.client.async_stream_infer(self.model, infer_inputs(values), request_id=request_id,
                                        parameters=parameters, enable_empty_final_response=True)
 
     def wait(self, n: int = 1, timeout: float = 120.0) -> None:
@@ -94,9 +95,10 @@ class GrpcStream:
         self.client.close()
 
 
-def stream_one(url: str, values: dict, parameters: dict | None = None, timeout: float = 120.0) -> Streamed:
+def stream_one(url: str, values: dict, parameters: dict | None = None, timeout: float = 120.0,
+               model: str = "llm") -> Streamed:
     """Send one request on its own stream and wait for its final response (or error)."""
-    s = GrpcStream(url)
+    s = GrpcStream(url, model)
     try:
         s.send("r", values, parameters)
         s.wait(1, timeout)

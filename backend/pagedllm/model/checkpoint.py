@@ -146,3 +146,17 @@ def load_weights(model_dir: str | Path, dtype: torch.dtype, device: torch.device
             for name in f.keys():
                 weights[name] = f.get_tensor(name).to(device=device, dtype=dtype)
     return weights
+
+
+def load_tensor(model_dir: str | Path, names: tuple[str, ...]) -> torch.Tensor:
+    """One tensor, by the first of `names` the checkpoint has, without loading the rest."""
+    for path in safetensors_files(Path(model_dir)):
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            for name in names:
+                if name in keys:
+                    return f.get_tensor(name)
+    raise CheckpointError(f"{str(model_dir)!r} has none of the tensors {', '.join(names)}")
+
+
+EMBEDDING_NAMES = ("model.embed_tokens.weight", "embed_tokens.weight")

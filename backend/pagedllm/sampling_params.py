@@ -17,16 +17,15 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
 
-    def validate(self, vocab_size: int, max_new_tokens: int) -> None:
+    def validate(self, vocab_size: int, max_model_len: int) -> None:
         """Raise ValueError('<name>: <problem>') for the first bad value."""
         def bad(name, msg):
             raise ValueError(f"{name}: {msg}")
 
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        if self.max_tokens > max_new_tokens:
-            bad("max_tokens", f"{self.max_tokens} is more than the model can generate after this prompt "
-                              f"({max_new_tokens})")
+        if self.max_tokens > max_model_len:  # within it, generation ends at the model length ("length")
+            bad("max_tokens", f"{self.max_tokens} is more than the model length ({max_model_len})")
         if not _finite(self.temperature) or self.temperature < 0 or self.temperature > 100:
             bad("temperature", f"must be in [0, 100], got {self.temperature!r}")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:

@@ -1,0 +1,132 @@
+"""`pagedllm` command line: `serve` runs tritonserver with the llm model; `make-tiny-model` writes a test checkpoint."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from pagedllm.config import EngineConfig
+
+# The checkpoint `pagedllm serve` builds when no --model is given: random weights, but every part of a
+# Llama-3 style model (GQA, llama3 rope scaling) at a size that runs quickly on a CPU.
+DEFAULT_TINY = dict(arch="llama", seed=0, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                    intermediate_size=512, max_position=2048, rope_scaling="llama3")
+_DEFAULT_TINY_VERSION = "1"  # bump when DEFAULT_TINY changes, so old caches are rebuilt
+
+
+def default_model_dir() -> Path:
+    """The default tiny checkpoint, built on first use (in a temp folder, renamed when complete)."""
+    from pagedllm.server.launcher import cache_root
+
+    path = cache_root() / "default-tiny-llama"
+    stamp = path / ".pagedllm-tiny-version"
+    if stamp.is_file() and stamp.read_text() == _DEFAULT_TINY_VERSION:
+        return path
+    import shutil
+    import tempfile
+
+    from pagedllm.tiny_model import make_tiny_model
+
+    print(f"pagedllm: building the default tiny checkpoint in {path} (random weights)", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".default-tiny-", dir=path.parent))
+    make_tiny_model(tmp, **DEFAULT_TINY)
+    (tmp / stamp.name).write_text(_DEFAULT_TINY_VERSION)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
+_CHOICES = {"dtype": ("auto", "float32", "float16", "bfloat16"), "kernels": ("auto", "triton", "torch")}
+
+
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field (except model_dir); None = keep the EngineConfig default."""
+    for f in dataclasses.fields(EngineConfig):
+        if f.name in ("model_dir", "device"):
+            continue
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default), default=None,
+                       choices=_CHOICES.get(f.name), help=f"engine {f.name} (default {f.default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagedllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run tritonserver with the llm model in the foreground")
+    serve.add_argument("--model", default=os.environ.get("PAGEDLLM_MODEL") or None,
+                       help="Hugging Face checkpoint directory (default: $PAGEDLLM_MODEL, else a tiny random Llama)")
+    serve.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    serve.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model")
+    _engine_flags(serve)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a random-weight HF checkpoint with a tokenizer")
+    from pagedllm.tiny_model import add_cli_arguments
+
+    add_cli_arguments(tiny)
+    return parser
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"pagedllm serve: error: {message}", file=sys.stderr)
+    return code
+
+
+def serve(args) -> int:
+    from pagedllm.server.launcher import CheckpointError, LauncherError, ServerError, TritonServer, check_checkpoint
+
+    try:
+        model_dir = check_checkpoint(args.model) if args.model else default_model_dir()
+    except CheckpointError as e:
+        return _fail(str(e))
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
+                 if f.name != "model_dir" and getattr(args, f.name) is not None}
+    config = EngineConfig(model_dir=str(model_dir), **overrides)
+    server = TritonServer(config, http_port=args.http_port, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port, log_verbose=args.log_verbose, echo=True)
+
+    def on_sigterm(signum, frame):  # docker stop / kill: leave through the same path as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        server.start()
+        server.wait_ready(args.ready_timeout)
+        print(f"\npagedllm: serving {model_dir}\n  HTTP    http://0.0.0.0:{args.http_port}\n"
+              f"  gRPC    0.0.0.0:{args.grpc_port}\n  metrics http://0.0.0.0:{args.metrics_port}/metrics\n"
+              "  Ctrl-C stops the server.", flush=True)
+        while server.poll() is None:
+            time.sleep(0.5)
+        return _fail(f"tritonserver exited with code {server.poll()} (log: {server.log_path})", 1)
+    except KeyboardInterrupt:
+        print("pagedllm: stopping the server", file=sys.stderr, flush=True)
+        return 0
+    except LauncherError as e:
+        return _fail(str(e))
+    except ServerError as e:
+        return _fail(str(e), 1)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        server.stop()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    from pagedllm.tiny_model import from_cli_arguments
+
+    print(from_cli_arguments(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

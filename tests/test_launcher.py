@@ -1,0 +1,229 @@
+"""`pagedllm serve` checks the checkpoint; the launcher prepares the runtime and really runs tritonserver
+with the Python backend (proved with a throwaway echo model written by the test, independent of the engine)."""
+from __future__ import annotations
+
+import json
+import queue
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from pagedllm.config import EngineConfig
+from pagedllm.server.launcher import (
+    CheckpointError,
+    ServerError,
+    TritonServer,
+    check_checkpoint,
+    project_model_repository,
+    rewrite_parameters,
+)
+from server_utils import cli_env
+
+PARAM = re.compile(r'key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def pbtxt_parameters(text: str) -> dict[str, str]:
+    return {k: v.replace('\\"', '"').replace("\\\\", "\\") for k, v in PARAM.findall(text)}
+
+
+def serve_cli(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "pagedllm.cli", "serve", *args], capture_output=True, text=True,
+                          env=cli_env(tmp_path), timeout=120)
+
+
+# ------------------------------------------------------------------------------------ checkpoint errors
+def test_serve_missing_directory(tmp_path):
+    r = serve_cli(tmp_path, "--model", str(tmp_path / "nope"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"pagedllm serve: error: model directory not found: {tmp_path / 'nope'}"]
+
+
+def test_serve_directory_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = serve_cli(tmp_path, "--model", str(tmp_path / "empty"))
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "has no config.json" in r.stderr
+
+
+def test_serve_unsupported_architecture(tmp_path):
+    model = tmp_path / "gpt2"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    r = serve_cli(tmp_path, "--model", str(model))
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "unsupported model" in r.stderr and "GPT2LMHeadModel" in r.stderr and "LlamaForCausalLM" in r.stderr
+
+
+def test_check_checkpoint(tiny_llama_dir, tmp_path):
+    assert check_checkpoint(tiny_llama_dir) == tiny_llama_dir
+    (tmp_path / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="no weights"):
+        check_checkpoint(tmp_path)
+
+
+# ---------------------------------------------------------------------------------- prepared runtime
+def test_prepared_repository_and_backend(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PAGEDLLM_SOMETHING", "passed")
+    cfg = EngineConfig(model_dir=str(tiny_llama_dir), device="cpu", block_size=32, num_kv_blocks=99,
+                       kv_cache_memory_fraction=0.5, max_model_len=300)
+    server = TritonServer(cfg, runtime_dir=tmp_path / "run", http_port=1, grpc_port=2, metrics_port=3)
+    command = server.prepare()
+
+    source = project_model_repository()
+    copied = sorted(p.name for p in server.model_repository.iterdir())
+    assert copied == sorted(p.name for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    params = pbtxt_parameters((server.model_repository / "llm" / "config.pbtxt").read_text())
+    assert EngineConfig.from_strings(params) == cfg
+    assert params["model_dir"] == str(tiny_llama_dir) and Path(params["model_dir"]).is_absolute()
+
+    backends = Path(command[command.index("--backend-directory") + 1])
+    assert (backends / "python" / "triton_python_backend_stub").is_file()
+    assert (backends / "python" / "libtriton_python.so").is_file()
+    assert command[command.index("--http-port") + 1] == "1"
+    assert server.env["PAGEDLLM_SOMETHING"] == "passed"
+    assert str(Path(__file__).resolve().parents[1] / "backend") in server.env["PYTHONPATH"].split(":")
+
+
+def test_rewrite_parameters_escapes_and_appends():
+    text = 'parameters [ { key: "model_dir" value: { string_value: "" } }, { key: "b" value: { string_value: "1" } } ]'
+    out = rewrite_parameters(text, {"model_dir": '/a "b"\\c', "new": "x"})
+    assert pbtxt_parameters(out) == {"model_dir": '/a "b"\\c', "b": "1", "new": "x"}
+
+
+# ------------------------------------------------------------------------------- a real server (echo)
+ECHO_CONFIG = """
+name: "echo"
+backend: "python"
+max_batch_size: 0
+model_transaction_policy { decoupled: true }
+input [ { name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] } ]
+output [
+  { name: "token_ids" data_type: TYPE_INT64 dims: [ -1 ] },
+  { name: "info" data_type: TYPE_STRING dims: [ 1 ] }
+]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+parameters [ { key: "model_dir" value: { string_value: "" } } ]
+"""
+
+# Streams each input id back as its own response; the first response also reports what the stub sees.
+ECHO_MODEL = """
+import json, sys
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+from pagedllm.config import EngineConfig
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = json.loads(args["model_config"])["parameters"]
+        if params.get("fail_on_load", {}).get("string_value"):
+            raise RuntimeError("echo model refused to load")
+        cfg = EngineConfig.from_strings({k: v["string_value"] for k, v in params.items()})
+        self.info = json.dumps({"engine": cfg.to_strings(), "version": list(sys.version_info[:2]),
+                                "torch": torch.__file__})
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
+            for i, t in enumerate(ids):
+                info = self.info if i == 0 else ""
+                sender.send(pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("token_ids", np.array([t], np.int64)),
+                    pb_utils.Tensor("info", np.array([info.encode()], np.object_))]))
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+"""
+
+
+@pytest.fixture
+def echo_repository(tmp_path) -> Path:
+    repo = tmp_path / "echo-repo"
+    (repo / "echo" / "1").mkdir(parents=True)
+    (repo / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
+    (repo / "echo" / "1" / "model.py").write_text(textwrap.dedent(ECHO_MODEL))
+    return repo
+
+
+def test_server_runs_python_model(start_server, tiny_llama_dir, echo_repository):
+    import tritonclient.grpc as grpcclient
+
+    with start_server(tiny_llama_dir, model_repository=echo_repository, max_num_seqs=3) as srv:
+        # gRPC streaming: one response per input id, then the final flag
+        results = queue.Queue()
+        client = grpcclient.InferenceServerClient(srv.grpc_url)
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        inp = grpcclient.InferInput("input_ids", [3], "INT64")
+        inp.set_data_from_numpy(np.array([5, 6, 7], np.int64))
+        client.async_stream_infer("echo", [inp], request_id="r1")
+        got, info = [], None
+        for _ in range(3):
+            result, error = results.get(timeout=30)
+            assert error is None, error
+            got.extend(result.as_numpy("token_ids").tolist())
+            info = info or result.as_numpy("info")[0].decode()
+        client.stop_stream()
+        client.close()
+        assert got == [5, 6, 7]
+
+        info = json.loads(info)
+        assert info["engine"]["model_dir"] == str(tiny_llama_dir)
+        assert info["engine"]["max_num_seqs"] == "3"
+        assert info["version"] == list(sys.version_info[:2])
+        import torch  # the stub imports the very torch this interpreter has
+
+        assert Path(info["torch"]).resolve() == Path(torch.__file__).resolve()
+
+        # HTTP generate and metrics
+        with requests.Session() as http:
+            r = http.post(f"{srv.http_url}/v2/models/echo/generate", json={"input_ids": [9]}, timeout=30)
+            assert r.status_code == 200 and r.json()["token_ids"] in (9, [9])  # one element comes back a scalar
+            assert "nv_inference_request_success" in http.get(srv.metrics_url, timeout=30).text
+        server = srv.server
+    assert server.poll() is None and server.process is None  # stopped and reaped
+    assert srv.server.is_ready() is False
+
+
+def test_server_load_failure_raises_with_log(start_server, tiny_llama_dir, echo_repository):
+    with pytest.raises(ServerError, match="echo model refused to load"):
+        with start_server(tiny_llama_dir, model_repository=echo_repository, parameters={"fail_on_load": "1"}):
+            pass
+
+
+def test_serve_cli_foreground(tmp_path, tiny_llama_dir, echo_repository):
+    """`pagedllm serve` prints the URLs when ready and stops the server cleanly on SIGTERM."""
+    from server_utils import free_ports
+
+    http, grpc, metrics = free_ports(3)
+    env = {**cli_env(tmp_path), "PAGEDLLM_MODEL_REPOSITORY": str(echo_repository)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pagedllm.cli", "serve", "--model", str(tiny_llama_dir), "--http-port", str(http),
+         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--num-kv-blocks", "8"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C stops the server" in line:
+                break
+        assert any(f"http://0.0.0.0:{http}" in ln for ln in lines), "".join(lines[-30:])
+        assert requests.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=10).status_code == 200
+        proc.terminate()
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, rest
+    assert "successfully unloaded 'echo'" in rest
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=5)
+

@@ -22,11 +22,14 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
 
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                          scale: float) -> torch.Tensor:
+                          scale: float, *, max_query_len: int | None = None,
+                          max_seq_len: int | None = None) -> torch.Tensor:
     """Reference: gathers each sequence's keys into a contiguous tensor and calls SDPA.
 
     Decode rows (one query each) are batched in one SDPA call; prefill rows go one sequence at a time.
-    Returns [T, num_heads, head_dim] in q's dtype.
+    Returns [T, num_heads, head_dim] in q's dtype. max_query_len / max_seq_len are launch hints for the
+    Triton version (host ints, so that it needs no .item()); accepted and ignored here so that the engine
+    can call either op set the same way.
     """
     num_heads = q.shape[1]
     group = num_heads // k_cache.shape[2]
@@ -62,4 +65,282 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         mask = torch.arange(n, device=q.device)[None, :] <= q_pos[:, None]
         o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), keys, vals, attn_mask=mask, scale=scale)
         out[s:e] = o.transpose(0, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton
+# ----------------------------------------------------------------------------------------------------------
+# _triton_util first: it may set TRITON_INTERPRET before triton loads
+from ._triton_util import Launch, interpreting, next_pow2, run  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _paged_attn_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
+        part_m_ptr, part_l_ptr, part_acc_ptr,
+        scale_log2, num_seqs, num_splits,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_cb, stride_cs, stride_ch, stride_bt,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
+        SPLIT: tl.constexpr, FP32_DOT: tl.constexpr):
+    """Grid (q tiles, num_kv_heads, num_splits if SPLIT else 1).
+
+    A q tile is BLOCK_Q consecutive query tokens of ONE sequence times the GROUP query heads that share KV
+    head `program_id(1)`: row r of the [BLOCK_M, HEAD_DIM_P] tile is token r // GROUP, head r % GROUP
+    (rows from BLOCK_Q * GROUP on are padding), so decode (BLOCK_Q = 1) still feeds tl.dot 16+ rows.
+    Tiles are numbered without a host-side table: sequence b's tiles start at
+    query_start_loc[b] // BLOCK_Q + b (+ b only when BLOCK_Q > 1: room for its partial last tile), and a
+    program finds its sequence by binary search over query_start_loc. Keys are visited TILE_N positions at
+    a time, each position looking up its own cache block (so TILE_N and BLOCK_SIZE are independent), with an
+    online softmax in fp32 (base 2: the scale is pre-multiplied by log2(e)).
+    SPLIT: program_id(2) handles only its share of the key tiles and writes the unnormalised partial state
+    (running max m, sum l, accumulator acc) for `_paged_attn_reduce_kernel` to merge.
+    FP32_DOT: feed tl.dot fp32 operands with ieee precision (fp32 inputs, and bf16 in the interpreter, which
+    stores bf16 as raw uint16 and would multiply the bit patterns); probabilities are still rounded to the
+    value dtype first, as the GPU path does.
+    """
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+
+    # --- which sequence owns this tile: last b with tile_start(b) <= tile --------------------------------
+    lo = tl.zeros([], tl.int32)
+    hi = tl.zeros([], tl.int32) + num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if BLOCK_Q == 1:
+            start = tl.load(qsl_ptr + mid)
+        else:
+            start = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        if start <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    b = lo - 1
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    if BLOCK_Q == 1:
+        q_first = tile - q_start
+    else:
+        q_first = (tile - (q_start // BLOCK_Q + b)) * BLOCK_Q
+    if q_first >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    ctx_len = seq_len - q_len  # queries sit at positions ctx_len .. seq_len - 1
+
+    rows = tl.arange(0, BLOCK_M)
+    qi = q_first + rows // GROUP
+    row_ok = (rows < BLOCK_Q * GROUP) & (qi < q_len)
+    tok = (q_start + qi).to(tl.int64)
+    head = kvh * GROUP + rows % GROUP
+    q_pos = ctx_len + qi
+    d = tl.arange(0, HEAD_DIM_P)
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if FP32_DOT:
+        q = q.to(tl.float32)
+
+    # keys 0 .. kv_len - 1 are visible to some row of this tile
+    kv_len = ctx_len + tl.minimum(q_first + BLOCK_Q, q_len)
+    n_tiles = tl.cdiv(kv_len, TILE_N)
+    if SPLIT:
+        per_split = tl.cdiv(n_tiles, num_splits)
+        t_begin = tl.program_id(2) * per_split
+        t_end = tl.minimum(t_begin + per_split, n_tiles)
+    else:
+        t_begin = 0
+        t_end = n_tiles
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+    n = tl.arange(0, TILE_N)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    for t in range(t_begin, t_end):
+        k_pos = t * TILE_N + n
+        k_ok = k_pos < kv_len
+        blk = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        off = blk * stride_cb + (k_pos % BLOCK_SIZE) * stride_cs + kvh * stride_ch
+        k_t = tl.load(k_cache_ptr + off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        if FP32_DOT:
+            s = tl.dot(q, k_t.to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(q, k_t)
+        s = s * scale_log2
+        s = tl.where((k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if FP32_DOT:
+            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+
+    if SPLIT:
+        num_heads = tl.num_programs(1) * GROUP
+        prow = (tok * num_heads + head) * num_splits + tl.program_id(2)
+        tl.store(part_m_ptr + prow, m_i, mask=row_ok)
+        tl.store(part_l_ptr + prow, l_i, mask=row_ok)
+        tl.store(part_acc_ptr + prow[:, None] * HEAD_DIM_P + d[None, :], acc, mask=row_ok[:, None])
+    else:
+        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _paged_attn_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, num_heads, num_splits,
+                              stride_ot, stride_oh,
+                              HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SPLITS_P: tl.constexpr):
+    """Grid (T, num_heads): merges the split-KV partials of one (token, head) by log-sum-exp (base 2)."""
+    tok = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_P)
+    s_ok = s < num_splits
+    base = (tok * num_heads + h) * num_splits
+    m = tl.load(part_m_ptr + base + s, mask=s_ok, other=float("-inf"))
+    l = tl.load(part_l_ptr + base + s, mask=s_ok, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+    denom = tl.sum(w * l, axis=0)
+    d = tl.arange(0, HEAD_DIM_P)
+    acc = tl.load(part_acc_ptr + (base + s)[:, None] * HEAD_DIM_P + d[None, :], mask=s_ok[:, None], other=0.0)
+    o = tl.sum(w[:, None] * acc, axis=0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(out_ptr + tok * stride_ot + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _plan_paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, *,
+                          max_query_len=None, max_seq_len=None, split_kv=None, num_splits=None,
+                          block_m=None, tile_n=None, out=None, sm_count=None):
+    T, H, D = q.shape
+    _, BS, KVH, Dk = k_cache.shape
+    B = seq_lens.shape[0]
+    if Dk != D or v_cache.shape != k_cache.shape:
+        raise ValueError(f"q {tuple(q.shape)} does not match the caches {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)}")
+    if H % KVH:
+        raise ValueError(f"num_heads {H} is not a multiple of num_kv_heads {KVH}")
+    if BS & (BS - 1):
+        raise ValueError(f"block_size must be a power of two, got {BS}")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("q and the caches need a unit stride in the last dim, k_cache and v_cache equal "
+                         "strides")
+    if query_start_loc.shape[0] != B + 1:
+        raise ValueError("query_start_loc must have len(seq_lens) + 1 entries")
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+    query_start_loc, seq_lens = query_start_loc.contiguous(), seq_lens.contiguous()
+    group = H // KVH
+    head_dim_p = max(16, next_pow2(D))
+    interp = interpreting(_paged_attn_kernel, q.device)
+    fp32_dot = q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16)
+    if max_query_len is None:  # no host sync: every sequence has >= 1 query, so T == B means all decode
+        max_query_len = 1 if T == B else T
+    decode = max_query_len <= 1
+    if block_m is None:
+        block_m = max(16, next_pow2(group)) if decode else max(16 if interp else 64, next_pow2(group))
+    block_q = 1 if decode else max(1, block_m // group)
+    if block_m < max(16, group) or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= max(16, GQA group {group}), got {block_m}")
+    if tile_n is None:
+        tile_n = 16 if interp else 64
+    if tile_n < 16 or tile_n & (tile_n - 1):
+        raise ValueError(f"tile_n must be a power of two >= 16, got {tile_n}")
+    if max_seq_len is None:  # an upper bound, free of host syncs
+        max_seq_len = block_tables.shape[1] * BS
+
+    if split_kv is None:
+        split_kv = False
+        if decode and q.device.type == "cuda" and num_splits is None:
+            sms = sm_count or _sm_count(q.device)
+            progs = B * KVH
+            if progs < sms and max_seq_len >= 4 * tile_n:
+                # enough programs for ~2 waves, each split keeping >= 256 keys, a power of two (few variants)
+                want = min(triton.cdiv(2 * sms, max(progs, 1)), max_seq_len // 256, 64)
+                num_splits = 1 << max(0, want.bit_length() - 1)
+                split_kv = num_splits >= 2
+    if split_kv and num_splits is None:
+        sms = sm_count or (_sm_count(q.device) if q.device.type == "cuda" else 8)
+        want = max(2, min(triton.cdiv(2 * sms, max(B * KVH, 1)), max(2, max_seq_len // 256), 64))
+        num_splits = 1 << (want.bit_length() - 1)
+    if not split_kv:
+        num_splits = 1
+
+    if out is None:
+        out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+    n_q_tiles = T if block_q == 1 else T // block_q + B
+    if split_kv:
+        part_m = torch.empty(T * H * num_splits, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(T * H * num_splits * head_dim_p, dtype=torch.float32, device=q.device)
+    else:
+        part_m = part_l = part_acc = out  # unused
+    num_warps = 4 if (decode or head_dim_p <= 64) else 8
+    main = Launch(_paged_attn_kernel, (n_q_tiles, KVH, num_splits), dict(
+        q_ptr=q, k_cache_ptr=k_cache, v_cache_ptr=v_cache, bt_ptr=block_tables, qsl_ptr=query_start_loc,
+        seq_lens_ptr=seq_lens, out_ptr=out, part_m_ptr=part_m, part_l_ptr=part_l, part_acc_ptr=part_acc,
+        scale_log2=float(scale) * _LOG2E, num_seqs=B, num_splits=num_splits,
+        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
+        stride_cb=k_cache.stride(0), stride_cs=k_cache.stride(1), stride_ch=k_cache.stride(2),
+        stride_bt=block_tables.stride(0),
+        HEAD_DIM=D, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=BS, GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q,
+        TILE_N=tile_n, SPLIT=bool(split_kv), FP32_DOT=fp32_dot),
+        constexprs=("HEAD_DIM", "HEAD_DIM_P", "BLOCK_SIZE", "GROUP", "BLOCK_M", "BLOCK_Q", "TILE_N", "SPLIT",
+                    "FP32_DOT"),
+        num_warps=num_warps)
+    launches = [main]
+    if split_kv:
+        launches.append(Launch(_paged_attn_reduce_kernel, (T, H), dict(
+            part_m_ptr=part_m, part_l_ptr=part_l, part_acc_ptr=part_acc, out_ptr=out, num_heads=H,
+            num_splits=num_splits, stride_ot=out.stride(0), stride_oh=out.stride(1),
+            HEAD_DIM=D, HEAD_DIM_P=head_dim_p, SPLITS_P=max(2, next_pow2(num_splits))),
+            constexprs=("HEAD_DIM", "HEAD_DIM_P", "SPLITS_P"), num_warps=4))
+    return launches, out
+
+
+def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                           scale: float, *, max_query_len: int | None = None, max_seq_len: int | None = None,
+                           split_kv: bool | None = None, num_splits: int | None = None,
+                           block_m: int | None = None, tile_n: int | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton version of `paged_attention_torch` (same arguments and result), with no host sync.
+
+    Extra keyword arguments (all optional):
+    - max_query_len, max_seq_len: host ints the engine knows anyway. max_query_len == 1 picks the decode tile
+      (one token x the GQA group per program); without it, T == len(seq_lens) is taken to mean all-decode
+      (every scheduled sequence has >= 1 query). max_seq_len sizes the split-KV partition (default: the
+      block table's capacity). Results never depend on them, only the launch shape does.
+    - split_kv: None = auto (CUDA decode whose batch x kv_heads is below the SM count), True / False force it;
+      num_splits overrides the number of KV splits.
+    - block_m, tile_n: tile overrides (rows of the q tile, a power of two >= the GQA group; keys per step).
+    - out: a [T, H, D] tensor to write into.
+    q may be a strided view (unit stride in the last dim). query_start_loc, seq_lens, block_tables: int32.
+    """
+    launches, out = _plan_paged_attention(
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len=max_query_len,
+        max_seq_len=max_seq_len, split_kv=split_kv, num_splits=num_splits, block_m=block_m, tile_n=tile_n,
+        out=out)
+    run(launches, q.device)
     return out

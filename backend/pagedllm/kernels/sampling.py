@@ -36,7 +36,8 @@ def uniform_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B] keys -> [B, V] float32 uniforms in (0, 1)."""
     idx = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
     h = mix32(keys[:, None] ^ ((idx[None, :] * 0x9E3779B1) & MASK32))
-    return (h.to(torch.float32) + 0.5) * (1.0 / 4294967296.0)
+    # 24 random bits: exactly representable in float32, so u stays strictly inside (0, 1).
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
 
 
 def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -65,3 +66,195 @@ def sample_torch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     gumbel = -torch.log(-torch.log(uniform_noise(row_keys(seeds, offsets), logits.shape[-1])))
     scores = (scaled + gumbel).masked_fill(~keep, float("-inf"))
     return torch.where(greedy, logits.argmax(dim=-1), scores.argmax(dim=-1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton
+# ----------------------------------------------------------------------------------------------------------
+# _triton_util first: it may set TRITON_INTERPRET before triton loads
+from ._triton_util import Launch, next_pow2, run  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, temp_ptr, top_k_ptr, top_p_ptr, seed_ptr, offset_ptr, out_ptr,
+                   vocab, stride_row, BLOCK_V: tl.constexpr):
+    """One program per row, streaming the row in BLOCK_V chunks; no sort, no host sync.
+
+    Values are compared through an order-preserving int32 key of the fp32 scaled logit (sign-magnitude
+    flipped for negatives), so thresholds are exact. Top-k and top-p each find the smallest key K with
+    f(K) < c, f(K) = sum of weights of tokens with key > K (weights 1 and c = k for top-k; weights
+    exp(x - max) over the top-k survivors and c = p * their sum for top-p), by bisection on [lo, hi] where
+    each pass over the row also snaps hi down / lo up to the nearest token keys, so it ends after about
+    log2(#distinct candidates) passes (32 at most). Tokens with key >= K survive: ties at the threshold are
+    all kept. Then Gumbel-max with the reference's counter-based hash noise.
+    """
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * stride_row
+    cols = tl.arange(0, BLOCK_V)
+    temp = tl.load(temp_ptr + row)
+    INT_MIN: tl.constexpr = -2147483648
+    INT_MAX: tl.constexpr = 2147483647
+
+    if temp <= 0.0:
+        # greedy: argmax of the raw logits, first index on ties (like torch.argmax)
+        best = tl.full([], float("-inf"), tl.float32)
+        best_i = tl.zeros([], tl.int32)
+        for start in range(0, vocab, BLOCK_V):
+            idx = start + cols
+            x = tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+            c_max = tl.max(x, axis=0)
+            c_arg = tl.argmax(x, axis=0)
+            if c_max > best:
+                best = c_max
+                best_i = start + c_arg
+        tl.store(out_ptr + row, best_i.to(tl.int64))
+    else:
+        k = tl.load(top_k_ptr + row)
+        p = tl.load(top_p_ptr + row)
+        temp_b = tl.zeros([BLOCK_V], tl.float32) + temp  # x / temp rounded like torch (div_rn, not div.full)
+        # pass 1: the row's max scaled logit
+        m = tl.full([], float("-inf"), tl.float32)
+        for start in range(0, vocab, BLOCK_V):
+            idx = start + cols
+            x = tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+            x = tl.math.div_rn(x, temp_b)
+            m = tl.maximum(m, tl.max(x, axis=0))
+        bits = m.to(tl.int32, bitcast=True)
+        max_key = tl.where(bits < 0, bits ^ INT_MAX, bits)
+
+        thr_k = tl.zeros([], tl.int32) + INT_MIN  # keep key >= thr_k
+        thr = tl.zeros([], tl.int32) + INT_MIN
+        z = tl.zeros([], tl.float32)
+        for phase in tl.static_range(2):
+            if phase == 0:
+                active = (k > 0) & (k < vocab)
+                lo = tl.zeros([], tl.int32) + INT_MIN  # f(lo) >= c
+                c = k.to(tl.float32)
+            else:
+                active = p < 1.0
+                # z = sum of exp(x - m) over the top-k survivors, computed exactly like f(thr_k - 1) below
+                if active:
+                    for start in range(0, vocab, BLOCK_V):
+                        idx = start + cols
+                        ok = idx < vocab
+                        x = tl.load(base + idx, mask=ok, other=float("-inf")).to(tl.float32)
+                        x = tl.math.div_rn(x, temp_b)
+                        xb = x.to(tl.int32, bitcast=True)
+                        key = tl.where(xb < 0, xb ^ INT_MAX, xb)
+                        z += tl.sum(tl.where(ok & (key >= thr_k), tl.exp(x - m), 0.0), axis=0)
+                lo = tl.maximum(thr_k, INT_MIN + 1) - 1
+                c = p * z
+            hi = max_key  # f(hi) = 0 < c
+            if active:
+                while lo + 1 < hi:
+                    mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+                    f = tl.zeros([], tl.float32)
+                    below = tl.zeros([], tl.int32) + INT_MIN  # largest key in (lo, mid]
+                    above = tl.zeros([], tl.int32) + INT_MAX  # smallest key > mid
+                    for start in range(0, vocab, BLOCK_V):
+                        idx = start + cols
+                        ok = idx < vocab
+                        x = tl.load(base + idx, mask=ok, other=float("-inf")).to(tl.float32)
+                        x = tl.math.div_rn(x, temp_b)
+                        xb = x.to(tl.int32, bitcast=True)
+                        key = tl.where(xb < 0, xb ^ INT_MAX, xb)
+                        gt = ok & (key > mid)
+                        if phase == 0:
+                            f += tl.sum(gt.to(tl.float32), axis=0)
+                        else:
+                            f += tl.sum(tl.where(gt & (key >= thr_k), tl.exp(x - m), 0.0), axis=0)
+                        in_low = ok & (key > lo) & (key <= mid)
+                        below = tl.maximum(below, tl.max(tl.where(in_low, key, INT_MIN), axis=0))
+                        above = tl.minimum(above, tl.min(tl.where(gt, key, INT_MAX), axis=0))
+                    if f < c:
+                        hi = below  # the answer is a token key <= mid
+                    else:
+                        lo = above - 1  # no token key in (mid, above): f is the same up to above - 1
+                if phase == 0:
+                    thr_k = hi
+                thr = hi
+
+        # row key from (seed, offset), exactly row_keys(): mix32(mix32(lo ^ mix32(hi)) ^ mix32(offset))
+        seed = tl.load(seed_ptr + row)
+        off32 = tl.load(offset_ptr + row).to(tl.uint32)
+        lo32 = seed.to(tl.uint32)
+        hi32 = (seed >> 32).to(tl.uint32)
+        h = hi32
+        saved = hi32
+        for i in tl.static_range(4):
+            if i == 1:
+                h = lo32 ^ h
+            if i == 2:
+                saved = h
+                h = off32
+            if i == 3:
+                h = saved ^ h
+            h = h ^ (h >> 16)
+            h = h * 0x7FEB352D
+            h = h ^ (h >> 15)
+            h = h * 0x846CA68B
+            h = h ^ (h >> 16)
+        row_key = h
+
+        best = tl.full([], float("-inf"), tl.float32)
+        best_i = tl.zeros([], tl.int32)
+        for start in range(0, vocab, BLOCK_V):
+            idx = start + cols
+            ok = idx < vocab
+            x = tl.math.div_rn(tl.load(base + idx, mask=ok, other=float("-inf")).to(tl.float32), temp_b)
+            xb = x.to(tl.int32, bitcast=True)
+            key = tl.where(xb < 0, xb ^ INT_MAX, xb)
+            u = row_key ^ (idx.to(tl.uint32) * 0x9E3779B1)
+            u = u ^ (u >> 16)
+            u = u * 0x7FEB352D
+            u = u ^ (u >> 15)
+            u = u * 0x846CA68B
+            u = u ^ (u >> 16)
+            uf = ((u >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)  # 24 bits: u < 1 exactly
+            score = x - tl.log(-tl.log(uf))
+            score = tl.where(ok & (key >= thr), score, float("-inf"))
+            c_max = tl.max(score, axis=0)
+            c_arg = tl.argmax(score, axis=0)
+            if c_max > best:
+                best = c_max
+                best_i = start + c_arg
+        tl.store(out_ptr + row, best_i.to(tl.int64))
+
+
+def _plan_sample(logits, temperature, top_k, top_p, seeds, offsets, block_v=None):
+    B, V = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    # per-row parameters are read as dense vectors (no-ops when they already are)
+    temperature, top_k, top_p, seeds, offsets = (
+        t.contiguous() for t in (temperature, top_k, top_p, seeds, offsets))
+    out = torch.empty(B, dtype=torch.int64, device=logits.device)
+    if block_v is None:
+        block_v = min(2048 if logits.device.type != "cpu" else 1024, next_pow2(V))
+    ln = Launch(_sample_kernel, (B,), dict(
+        logits_ptr=logits, temp_ptr=temperature, top_k_ptr=top_k, top_p_ptr=top_p, seed_ptr=seeds,
+        offset_ptr=offsets, out_ptr=out, vocab=V, stride_row=logits.stride(0), BLOCK_V=block_v),
+        constexprs=("BLOCK_V",), num_warps=8 if block_v >= 2048 else 4)
+    return [ln], out
+
+
+def sample_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  seeds: torch.Tensor, offsets: torch.Tensor, *, block_v: int | None = None) -> torch.Tensor:
+    """Triton version of `sample_torch`: same arguments (logits [B, V] fp32 / fp16 / bf16, unit stride in
+    the last dim; temperature fp32 [B]; top_k int32 [B]; top_p fp32 [B]; seeds, offsets int64 [B]),
+    token ids int64 [B], the same Gumbel noise, one program per row.
+
+    Tie semantics: top-k and top-p are thresholds on the scaled logit, and every token tied with the
+    threshold value is kept (the reference's sort keeps an arbitrary subset of them), so with ties the kept
+    set can be larger than k / than the reference's nucleus; -0.0 ranks just below +0.0.
+    Other differences: top_p <= 0 keeps the most likely token(s) (the reference keeps nothing and returns
+    token 0); the top-p mass is summed by tree reductions, the reference's by a sequential cumsum, so a
+    token whose preceding mass is within fp32 rounding of p can be in one set and not the other.
+    Without ties the kept set is otherwise the reference's, and with the same seeds and offsets the tokens
+    are identical.
+    """
+    launches, out = _plan_sample(logits, temperature, top_k, top_p, seeds, offsets, block_v)
+    run(launches, logits.device)
+    return out

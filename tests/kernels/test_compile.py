@@ -1,0 +1,58 @@
+"""Every kernel compiles for sm_80 and sm_90 (to cubin, ptxas included) with the engine's constexpr
+combinations, on this machine, GPU or not, and fits the target's shared memory.
+
+The compiles run in two subprocesses (one per core) with TRITON_INTERPRET=0: under the
+interpreter @triton.jit yields interpreted functions, which triton.compile cannot take, and the flag is
+read when the kernel modules are imported, which this process has already done (or will) with it set.
+They use a fresh TRITON_CACHE_DIR so that each run really compiles.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_WORKER = Path(__file__).with_name("compile_worker.py")
+_spec = importlib.util.spec_from_file_location("_pagedllm_compile_worker", _WORKER)
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this triton build has no NVIDIA backend")
+    tmp = tmp_path_factory.mktemp("compile")
+    env = dict(os.environ, TRITON_INTERPRET="0")  # "0", not unset: unset means "on" for CPU-only torch builds
+    env["TRITON_CACHE_DIR"] = str(tmp / "cache")
+    ids = list(worker.CASES)
+    n_proc = max(1, min(2, os.cpu_count() or 1))
+    procs = []
+    for i in range(n_proc):
+        out = tmp / f"results{i}.json"
+        procs.append((out, subprocess.Popen([sys.executable, str(_WORKER), str(out), *ids[i::n_proc]], env=env,
+                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    results = {}
+    for out, proc in procs:
+        try:
+            log, _ = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        assert proc.returncode == 0, log[-4000:]
+        results.update(json.loads(out.read_text()))
+    return results
+
+
+@pytest.mark.parametrize("case_id", list(worker.CASES))
+def test_compiles(compiled, case_id):
+    res = compiled[case_id]
+    assert res["ok"], res["error"]
+    cc = worker.CASES[case_id][0]
+    for k in res["kernels"]:
+        assert k["shared"] <= worker.SMEM_LIMIT[cc], f"{k['name']} needs {k['shared']} bytes of shared memory"

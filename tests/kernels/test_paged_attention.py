@@ -1,0 +1,127 @@
+"""Paged attention (Triton) against the SDPA reference computed in float64.
+
+Tolerances (max abs error, applied as atol = rtol): fp32 2e-4, fp16 1e-2, bf16 3e-2 (outputs are convex
+combinations of values ~N(0, 1); the kernel rounds probabilities to the value dtype before P @ V, as
+flash attention does, and the interpreter rounds bf16 toward zero).
+
+Every case: a random permutation of cache blocks, a cache poisoned with NaN outside the written
+positions (so reading a masked slot would show), contexts ending mid-block, q as a strided view of a fused
+qkv tensor, NaN-poisoned outputs and split-KV partial buffers.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedllm.kernels.paged_attention import paged_attention_torch, paged_attention_triton
+
+TOL = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+# id, dtype, heads, kv_heads, head_dim, block_size, q_lens, seq_lens, kwargs, pass host hints
+CASES = [
+    ("decode-g3-d80-fp16", F16, 6, 2, 80, 16, [1, 1, 1, 1], [1, 17, 33, 50], {}, True),
+    ("decode-g4-d64-bf16-nohints", BF16, 8, 2, 64, 32, [1, 1, 1], [31, 64, 77], {}, False),
+    ("decode-g1-d64-fp32", F32, 5, 5, 64, 16, [1, 1], [16, 23], {}, True),
+    ("decode-g8-d64-fp16-tile64", F16, 8, 1, 64, 16, [1, 1], [40, 100], {"tile_n": 64}, True),
+    ("mixed-g3-d64-fp16", F16, 6, 2, 64, 16, [5, 1, 20, 3], [5, 17, 40, 3], {"block_m": 16}, True),
+    ("mixed-g4-d80-bf16-nohints", BF16, 8, 2, 80, 32, [13, 1, 7], [13, 45, 39], {}, False),
+    ("prefill-g1-d64-fp32-gputiles", F32, 5, 5, 64, 16, [19, 2], [19, 35], {"block_m": 64, "tile_n": 64}, True),
+    ("prefill-g4-d96-fp16", F16, 8, 2, 96, 16, [9, 1], [30, 12], {}, True),
+    ("prefill-g4-d128-bf16", BF16, 8, 2, 128, 32, [6, 1], [6, 40], {}, True),
+    ("split-g3-d64-fp16", F16, 6, 2, 64, 16, [1, 1, 1], [70, 5, 33], {"split_kv": True, "num_splits": 3}, True),
+    ("split-g4-d128-bf16", BF16, 8, 2, 128, 32, [1, 1], [90, 1], {"split_kv": True, "num_splits": 4}, True),
+    ("split-g1-d80-fp32-prefill", F32, 5, 5, 80, 16, [4, 1], [20, 33], {"split_kv": True, "num_splits": 2}, True),
+    ("split-auto-g4-d64-fp16", F16, 8, 2, 64, 16, [1], [300], {"split_kv": True}, True),
+    # an empty query range, and a wrong hint (decode tile for a prefill batch): only speed may suffer
+    ("emptyq-wronghint-g3-d64-fp32", F32, 6, 2, 64, 16, [3, 0, 4], [3, 10, 20], {"max_query_len": 1}, False),
+]
+
+
+def _make_case(device, dtype, H, KVH, D, BS, q_lens, seq_lens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B = len(seq_lens)
+    n_blocks = [-(-s // BS) for s in seq_lens]
+    NB = sum(n_blocks) + 3  # spare blocks stay NaN
+    perm = torch.randperm(NB, generator=g)
+    max_blocks = max(n_blocks) + 2  # padded with 0
+    block_tables = torch.zeros(B, max_blocks, dtype=torch.int32)
+    k_cache = torch.full((NB, BS, KVH, D), float("nan"), dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    i = 0
+    for b in range(B):
+        blocks = perm[i:i + n_blocks[b]]
+        i += n_blocks[b]
+        block_tables[b, :n_blocks[b]] = blocks.int()
+        pos = torch.arange(seq_lens[b])
+        k_cache[blocks[pos // BS], pos % BS] = torch.randn(seq_lens[b], KVH, D, generator=g).to(dtype)
+        v_cache[blocks[pos // BS], pos % BS] = torch.randn(seq_lens[b], KVH, D, generator=g).to(dtype)
+    T = sum(q_lens)
+    qkv = torch.randn(T, (H + 2 * KVH) * D, generator=g).to(dtype)
+    q = qkv[:, :H * D].view(T, H, D)  # strided view, like the model's
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    to = dict(device=device)
+    return (q.to(**to) if device.type == "cpu" else qkv.to(device)[:, :H * D].view(T, H, D),
+            k_cache.to(**to), v_cache.to(**to), block_tables.to(**to), qsl.to(**to), sl.to(**to))
+
+
+def _reference(q, k_cache, v_cache, bt, qsl, sl, scale):
+    f = torch.float64
+    return paged_attention_torch(q.to(f), k_cache.nan_to_num(0).to(f), v_cache.nan_to_num(0).to(f),
+                                 bt, qsl, sl, scale)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_paged_attention_matches_reference(case, device, poisoned):
+    _, dtype, H, KVH, D, BS, q_lens, seq_lens, kwargs, hints = case
+    q, kc, vc, bt, qsl, sl = _make_case(device, dtype, H, KVH, D, BS, q_lens, seq_lens)
+    scale = D ** -0.5
+    if hints:
+        kwargs = dict(kwargs, max_query_len=max(q_lens), max_seq_len=max(seq_lens))
+    out = torch.full((q.shape[0], H, D), float("nan"), dtype=dtype, device=device)
+    with poisoned():
+        got = paged_attention_triton(q, kc, vc, bt, qsl, sl, scale, out=out, **kwargs)
+    assert got is out
+    assert not torch.isnan(got).any(), "an output element was not written (or a masked NaN slot was read)"
+    ref = _reference(q, kc, vc, bt, qsl, sl, scale)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.double(), ref, atol=tol, rtol=tol)
+
+
+def test_split_kv_equals_unsplit(device):
+    """The split-KV path (partials + log-sum-exp merge) agrees with the single-pass kernel."""
+    q, kc, vc, bt, qsl, sl = _make_case(device, torch.float32, 8, 2, 64, 16, [1, 1], [75, 130], seed=3)
+    a = paged_attention_triton(q, kc, vc, bt, qsl, sl, 0.125, split_kv=False)
+    b = paged_attention_triton(q, kc, vc, bt, qsl, sl, 0.125, split_kv=True, num_splits=5)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_returns_fresh_tensor_and_leaves_inputs(device):
+    q, kc, vc, bt, qsl, sl = _make_case(device, torch.float16, 4, 2, 64, 16, [3, 1], [3, 20], seed=5)
+    before = [t.clone() for t in (q, kc, vc, bt, qsl, sl)]
+    out = paged_attention_triton(q, kc, vc, bt, qsl, sl, 0.125)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    for t, t0 in zip((q, kc, vc, bt, qsl, sl), before):
+        assert torch.equal(t.nan_to_num(0), t0.nan_to_num(0))
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13, 14])
+def test_random_batches(seed, device, poisoned):
+    """Random mixes of decode rows, fresh prefills and chunks after cached context, at the GPU's tiles."""
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=g))]  # noqa: E731
+    dtype = pick([F16, BF16, F32])
+    H, KVH = pick([(6, 2), (5, 5), (8, 2), (12, 4)])
+    D, BS = pick([64, 80]), pick([16, 32])
+    B = int(torch.randint(1, 6, (1,), generator=g))
+    seq_lens = torch.randint(1, 90, (B,), generator=g).tolist()
+    q_lens = [1 if torch.rand(1, generator=g) < 0.5 else int(torch.randint(1, s + 1, (1,), generator=g))
+              for s in seq_lens]
+    kwargs = pick([{}, {"block_m": 64, "tile_n": 64}, {"split_kv": True, "num_splits": 3}])
+    q, kc, vc, bt, qsl, sl = _make_case(device, dtype, H, KVH, D, BS, q_lens, seq_lens, seed=seed)
+    with poisoned():
+        got = paged_attention_triton(q, kc, vc, bt, qsl, sl, D ** -0.5, **kwargs)
+    assert not torch.isnan(got).any()
+    ref = _reference(q, kc, vc, bt, qsl, sl, D ** -0.5)
+    torch.testing.assert_close(got.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])

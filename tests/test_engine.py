@@ -194,3 +194,29 @@ def test_bad_requests_are_refused_with_the_input_named(llama, kwargs, params, me
         engine.make_sequence("bad", params, **kwargs)
     assert message in str(e.value)
     assert engine.num_free_blocks == engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_triton_kernels_match_transformers(make_tiny, arch):
+    """The same parity with kernels=triton (on CPU they run in Triton's interpreter: small shapes)."""
+    extra = {"rope_scaling": "llama3"} if arch == "llama" else {"tie_embeddings": True}
+    model_dir = str(make_tiny(arch, seed=1, **extra))
+    engine = make_engine(model_dir, kernels="triton", max_num_batched_tokens=24)  # the 3-block prompt is chunked
+    assert engine.ops.name == "triton"
+    ps = prompts(seed=9)
+    params = SamplingParams(max_tokens=6, temperature=0)
+    requests = {f"ids{i}": {"prompt_token_ids": p, "params": params} for i, p in enumerate(ps)}
+    requests["emb"] = {"prompt_embeds": embeds_fp16(model_dir, ps[3]), "params": params}
+    got = run_all(engine, requests)
+    for i, p in enumerate(ps):
+        assert got[f"ids{i}"] == hf_greedy(model_dir, ids=p, max_new_tokens=6), f"len {len(p)}"
+    assert got["emb"] == hf_greedy(model_dir, embeds=embeds_fp16(model_dir, ps[3]), max_new_tokens=6)
+
+
+def test_triton_and_torch_sample_the_same_tokens(llama):
+    params = SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, top_k=20, seed=11)
+    got = {}
+    for kernels in ("torch", "triton"):
+        engine = make_engine(llama, kernels=kernels)
+        got[kernels] = run_all(engine, {"r": {"prompt_token_ids": prompts(seed=10)[3], "params": params}})["r"]
+    assert got["torch"] == got["triton"]

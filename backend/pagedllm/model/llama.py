@@ -108,7 +108,8 @@ class LlamaForCausalLM:
             k = self.ops.rms_norm(k.reshape(-1, s.head_dim), layer.k_norm, s.rms_norm_eps).view_as(k)
         self.ops.rope_and_write_kv(q, k, v, positions, self.cos_sin, k_cache, v_cache, meta.slot_mapping)
         out = self.ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
-                                       meta.seq_lens, self.scale)
+                                       meta.seq_lens, self.scale, max_query_len=meta.max_query_len,
+                                       max_seq_len=meta.max_seq_len)
         return F.linear(out.reshape(num_tokens, -1), layer.o_weight)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

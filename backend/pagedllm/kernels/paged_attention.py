@@ -51,10 +51,11 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         vals = v_cache[blocks, pos % block_size].transpose(1, 2)
         mask = pos[None, :] < seq_lens[rows_b][:, None]
         rows = query_start_loc[rows_b].long()
-        o = F.scaled_dot_product_attention(
-            q[rows].unsqueeze(2), keys.repeat_interleave(group, dim=1), vals.repeat_interleave(group, dim=1),
-            attn_mask=mask[:, None, None, :], scale=scale)
-        out[rows] = o.squeeze(2)
+        # GQA without copying K/V per query head: a KV head's query heads become its "query rows".
+        n, kvh, dim = len(decode), k_cache.shape[2], q.shape[2]
+        o = F.scaled_dot_product_attention(q[rows].view(n, kvh, group, dim), keys, vals,
+                                           attn_mask=mask[:, None, None, :], scale=scale)
+        out[rows] = o.reshape(n, num_heads, dim)
 
     for b in prefill:
         s, e, n = starts[b], starts[b + 1], lens[b]

@@ -21,11 +21,28 @@ class ModelRunner:
                            torch.zeros(shape, dtype=model.dtype, device=self.device))
                           for _ in range(spec.num_layers)]
         self.sampler = Sampler(model.ops, self.device)
+        self._host: torch.Tensor | None = None  # reusable host buffer for each step's metadata
 
     @staticmethod
     def kv_bytes_per_block(model_spec, block_size: int, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * model_spec.num_layers * block_size * model_spec.num_kv_heads * model_spec.head_dim * elem
+
+    def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Move the step's int32 metadata to the device in one copy: packed into one (pinned, on CUDA) host
+        buffer that is reused every step, then split into device views."""
+        total = sum(a.size for a in arrays)
+        if self._host is None or self._host.numel() < total:
+            self._host = torch.empty(max(total, 2 * (0 if self._host is None else self._host.numel())),
+                                     dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        host = self._host[:total]
+        np.concatenate([a.ravel() for a in arrays], out=host.numpy())
+        flat = host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        views, offset = [], 0
+        for a in arrays:
+            views.append(flat[offset:offset + a.size].view(a.shape))
+            offset += a.size
+        return views
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSequence]) -> list[int]:
@@ -38,35 +55,31 @@ class ModelRunner:
         for b, item in enumerate(batch):
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
-            table = np.asarray(seq.block_table, dtype=np.int64)
+            table = np.asarray(seq.block_table, dtype=np.int32)
             block_tables[b, :len(table)] = table
-            pos = np.arange(start, end)
+            pos = np.arange(start, end, dtype=np.int32)
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
-            ids.extend(seq.token_ids[start:end])
+            ids.append(seq.token_ids[start:end])
             if seq.prompt_embeds is not None and start < seq.num_prompt_tokens:
                 embeds.append((starts[-1], seq.prompt_embeds[start:min(end, seq.num_prompt_tokens)]))
             starts.append(starts[-1] + item.num_new_tokens)
             seq_lens.append(end)
+        sampling = [b for b, item in enumerate(batch) if item.samples]
 
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32).to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev),
-            block_tables=torch.from_numpy(block_tables).to(dev),
-            max_query_len=max(s.num_new_tokens for s in batch),
-            max_seq_len=max(seq_lens),
-        )
-        hidden = self.model.embed(torch.tensor(ids, dtype=torch.int64).to(dev))
+        ids_t, positions_t, slots_t, starts_t, seq_lens_t, tables_t, last_rows = self._upload([
+            np.fromiter((t for chunk in ids for t in chunk), dtype=np.int32, count=starts[-1]),
+            np.concatenate(positions), np.concatenate(slots), np.asarray(starts, dtype=np.int32),
+            np.asarray(seq_lens, dtype=np.int32), block_tables,
+            np.asarray([starts[b + 1] - 1 for b in sampling], dtype=np.int32)])
+        meta = AttentionMetadata(slot_mapping=slots_t, query_start_loc=starts_t, seq_lens=seq_lens_t,
+                                 block_tables=tables_t, max_query_len=max(s.num_new_tokens for s in batch),
+                                 max_seq_len=max(seq_lens))
+        hidden = self.model.embed(ids_t)
         for row, rows in embeds:
             hidden[row:row + rows.shape[0]] = rows
-        positions_t = torch.from_numpy(np.concatenate(positions)).to(dev)
         hidden = self.model.forward(hidden, positions_t, meta, self.kv_caches)
-
-        sampling = [b for b, item in enumerate(batch) if item.samples]
         if not sampling:
             return []
-        last_rows = torch.tensor([starts[b + 1] - 1 for b in sampling], dtype=torch.int64).to(dev)
         logits = self.model.logits(hidden[last_rows])
         return self.sampler(logits, [batch[b].seq for b in sampling]).tolist()  # the step's one host sync

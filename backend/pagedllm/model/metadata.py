@@ -8,7 +8,7 @@ import torch
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) of each new token
+    slot_mapping: torch.Tensor  # [T] int32: cache slot (block * block_size + offset) of each new token
     query_start_loc: torch.Tensor  # [B + 1] int32: sequence b's tokens are rows [qsl[b], qsl[b+1])
     seq_lens: torch.Tensor  # [B] int32: context length of sequence b after this step
     block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0

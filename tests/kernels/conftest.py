@@ -1,7 +1,7 @@
 """Kernel tests run on CUDA when there is a GPU and TRITON_INTERPRET is unset, else on CPU tensors in
 Triton's interpreter. TRITON_INTERPRET is read when triton is first imported (and when each @triton.jit
 kernel is defined), so it is set here, before that (importing torch does not import triton). Should
-triton have been imported earlier without it, the tests that run kernels skip and say so; importing
+triton have been imported earlier without it, the tests that run kernels fail and say so; importing
 pagedllm.kernels itself turns the interpreter on for CPU-only torch builds.
 
 The compile tests (test_compile.py) need real JITFunctions, so they compile in subprocesses run with
@@ -42,7 +42,7 @@ def device() -> torch.device:
         from pagedllm.kernels.rms_norm import _rms_norm_kernel
 
         if not isinstance(_rms_norm_kernel, InterpretedFunction):
-            pytest.skip("triton was imported with its interpreter off before tests/kernels/conftest.py could "
+            pytest.fail("triton was imported with its interpreter off before tests/kernels/conftest.py could "
                         "set TRITON_INTERPRET=1: run with TRITON_INTERPRET=1 (or tests/kernels first)")
     return DEVICE
 

@@ -103,6 +103,18 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         log.info("pagedllm engine: %s on %s/%s, kernels=%s, %d KV blocks of %d tokens, max_model_len=%d",
                  self.spec.model_type, self.device, self.dtype, self.ops.name, num_blocks, bs, self.max_model_len)
+        if self.device.type == "cuda":
+            self.warmup()
+
+    def warmup(self) -> None:
+        """Run one short request through prefill and decode, so that the Triton kernels are compiled (about a
+        second each) before the first real request rather than during it."""
+        n = min(2 * self.config.block_size + 1, self.max_model_len - 2)
+        seq = self.make_sequence("__warmup__", SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+                                 prompt_token_ids=[0] * n)
+        self.add(seq)
+        while self.has_unfinished():
+            self.step()
 
     def _default_num_blocks(self, block_size: int) -> int:
         per_block = ModelRunner.kv_bytes_per_block(self.spec, block_size, self.dtype)

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     dst = torch.empty_like(src)
     t_copy = timeit(lambda: dst.copy_(src))
     copy_gbps = 2 * src.numel() * src.element_size() / (t_copy * 1e-3) / 1e9
-    del src, dst
+    src = dst = None  # free GPU memory (the lambdas above hold these names)
     print(f"device copy bandwidth: {copy_gbps:.0f} GB/s")
 
     # ---- paged attention -----------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
             err = (tri().float() - ref().reshape(B, H, D).float()).abs().max().item()
             label = case + ("" if split is None else " nosplit")
             record("decode_attn", label, tri, ref, bytes_moved=kv_bytes, err=err)
-        del kc, vc, kk, vv
+        kc = vc = kk = vv = None  # free GPU memory (the lambdas above hold these names)
 
     prefill = ("T2048 h32/8 d128", 2048, 32, 8, 128, 16) if not smoke else ("T24 h4/2 d64", 24, 4, 2, 64, 16)
     case, T, H, KVH, D, BS = prefill
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     tri = lambda: TRITON_OPS.paged_attention(q, kc, vc, bt, qsl, sl, scale, max_query_len=T, max_seq_len=T)  # noqa: E731
     err = (tri().float() - ref()[0].transpose(0, 1).float()).abs().max().item()
     record("prefill_attn", case, tri, ref, flops=4.0 * H * D * T * (T + 1) / 2, err=err)
-    del kc, vc, kk, vv, kx, vx
+    kc = vc = kk = vv = kx = vx = None  # free GPU memory (the lambdas above hold these names)
 
     # ---- rms_norm + residual -----------------------------------------------------------------------------
     hidden = 128 if smoke else 4096

@@ -140,7 +140,8 @@ def test_http_generate_stream_text_and_ids(srv, model_dir, tokenizer):
     code, events = http_generate(srv.http_url, {"input_ids": ids, "max_tokens": MAX_TOKENS, "temperature": 0,
                                                 "stream": True}, stream=True)
     assert code == 200
-    assert [t for e in events for t in as_list(e["token_ids"])] == hf_greedy(model_dir, ids=ids, max_new_tokens=MAX_TOKENS)
+    want = hf_greedy(model_dir, ids=ids, max_new_tokens=MAX_TOKENS)
+    assert [t for e in events for t in as_list(e["token_ids"])] == want
 
 
 def test_http_embeds_fp32_and_base64_equal_grpc_fp16(srv, model_dir):

@@ -211,10 +211,10 @@ def _paged_attn_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, num
     s_ok = s < num_splits
     base = (tok * num_heads + h) * num_splits
     m = tl.load(part_m_ptr + base + s, mask=s_ok, other=float("-inf"))
-    l = tl.load(part_l_ptr + base + s, mask=s_ok, other=0.0)
+    l_sum = tl.load(part_l_ptr + base + s, mask=s_ok, other=0.0)
     m_max = tl.max(m, axis=0)
     w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
-    denom = tl.sum(w * l, axis=0)
+    denom = tl.sum(w * l_sum, axis=0)
     d = tl.arange(0, HEAD_DIM_P)
     acc = tl.load(part_acc_ptr + (base + s)[:, None] * HEAD_DIM_P + d[None, :], mask=s_ok[:, None], other=0.0)
     o = tl.sum(w[:, None] * acc, axis=0) / tl.where(denom == 0.0, 1.0, denom)

@@ -240,3 +240,15 @@ def test_cancelled_stream_returns_its_kv_blocks(srv):
     assert wait_for_metric(srv.metrics_url, "pagedllm_kv_blocks_free", total) == total
     assert len(s.results["long"].token_ids) < 400
     assert stream_one(srv.grpc_url, GOOD).error is None
+
+
+def test_metrics_count_tokens_and_latencies(srv):
+    before = metric(srv.metrics_url, "pagedllm_generation_tokens_total")
+    res = stream_one(srv.grpc_url, {"input_ids": np.array(ids_of(8, 10), np.int64), **STREAM,
+                                    "ignore_eos": np.array([True])})
+    assert res.error is None
+    assert wait_for_metric(srv.metrics_url, "pagedllm_generation_tokens_total", before + MAX_TOKENS) == \
+        before + MAX_TOKENS
+    assert metric(srv.metrics_url, "pagedllm_time_to_first_token_seconds_count") >= 1
+    assert metric(srv.metrics_url, "pagedllm_inter_token_latency_seconds_count") >= MAX_TOKENS - 1
+    assert wait_for_metric(srv.metrics_url, "pagedllm_num_requests_running", 0) == 0

@@ -55,7 +55,7 @@ def bench_hf(model, prompts: list[list[int]], max_tokens: int, device: str) -> f
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="checkpoint directory (default: a random Llama, hidden 256, 4 layers)")
+    ap.add_argument("--model", help="checkpoint directory (default: a random Llama of --size)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--kernels", default="auto")
@@ -63,15 +63,23 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--size", type=int, nargs=5, metavar=("HIDDEN", "LAYERS", "HEADS", "KV_HEADS", "FFN"),
+                    default=[256, 4, 8, 2, 768], help="the random Llama built when --model is not given")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
 
-    model_dir = args.model or str(make_tiny_model(Path(tempfile.mkdtemp()) / "bench-llama", hidden_size=256,
-                                                  num_layers=4, num_heads=8, num_kv_heads=2,
-                                                  intermediate_size=768, max_position=2048))
+    if args.model:
+        model_dir = args.model
+    else:
+        hidden, layers, heads, kv_heads, ffn = args.size
+        model_dir = str(make_tiny_model(Path(tempfile.mkdtemp()) / "bench-llama", hidden_size=hidden,
+                                        num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+                                        intermediate_size=ffn, max_position=4096))
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    llm = LLM(model_dir, device=args.device, dtype=dtype, kernels=args.kernels, max_num_seqs=max(args.batch))
+    # Half the free GPU memory for the KV cache: transformers is loaded beside it.
+    llm = LLM(model_dir, device=args.device, dtype=dtype, kernels=args.kernels, max_num_seqs=max(args.batch),
+              kv_cache_memory_fraction=0.5)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(args.device).eval()
     vocab = llm.engine.spec.vocab_size
     rows = []

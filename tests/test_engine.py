@@ -2,6 +2,8 @@
 for prompt_embeds, across block boundaries, batching, chunked prefill and preemption; blocks always return."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -41,8 +43,13 @@ def run_all(engine: LLMEngine, requests: dict[str, dict]) -> dict[str, list[int]
     return tokens
 
 
+# CPU by default; bench/gpu_check.sh runs this file with PAGEDLLM_TEST_DEVICE=cuda (fp32, Triton kernels).
+DEVICE = os.environ.get("PAGEDLLM_TEST_DEVICE", "cpu")
+
+
 def make_engine(model_dir: str, **overrides) -> LLMEngine:
-    return LLMEngine(EngineConfig(model_dir=model_dir, block_size=BLOCK, num_kv_blocks=64, **overrides))
+    settings = {"block_size": BLOCK, "num_kv_blocks": 64, "device": DEVICE, "dtype": "float32", **overrides}
+    return LLMEngine(EngineConfig(model_dir=model_dir, **settings))
 
 
 def test_batch_of_ids_and_embeds_matches_transformers(checkpoint):
@@ -80,7 +87,7 @@ def test_chunked_prefill_matches_transformers(llama):
 
 def test_preemption_recomputes_and_still_matches(llama):
     # 9 blocks of 16 tokens cannot hold all five sequences at once: the newest are preempted and recomputed.
-    engine = LLMEngine(EngineConfig(model_dir=llama, block_size=BLOCK, num_kv_blocks=9))
+    engine = make_engine(llama, num_kv_blocks=9)
     ps = prompts(seed=3)
     got = run_all(engine, {f"r{i}": {"prompt_token_ids": p} for i, p in enumerate(ps)})
     assert engine.scheduler.num_preemptions > 0

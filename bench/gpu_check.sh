@@ -20,8 +20,8 @@ PYEOF
 set +e
 "$PY" -m pytest tests/kernels -x -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_kernels.log"
 TESTS=${PIPESTATUS[0]}
-PAGEDLLM_TEST_DEVICE=cuda "$PY" -m pytest tests/test_engine.py tests/test_scheduler.py -x -q -p no:cacheprovider \
-    2>&1 | tee "$OUT/pytest_engine.log"
+PAGEDLLM_TEST_DEVICE=cuda "$PY" -m pytest tests/test_engine.py tests/test_prefix_cache.py tests/test_scheduler.py \
+    -x -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_engine.log"
 ENGINE_TESTS=${PIPESTATUS[0]}
 "$PY" bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log"
 BENCH=${PIPESTATUS[0]}

@@ -11,12 +11,16 @@ def seq(rid: str, prompt_len: int) -> Sequence:
     return Sequence(rid, [7] * prompt_len, prompt_len, SamplingParams(), seed=0)
 
 
-def run(sched: Scheduler):
-    """One step as the engine does it: schedule, then mark the tokens computed and 'sample' one token."""
+def run(sched: Scheduler, cache: bool = False):
+    """One step as the engine does it: schedule, then mark the tokens computed and 'sample' one token.
+    With cache, the filled blocks are registered for prefix caching, as the engine does (without, the cache
+    stays empty: the tests above use look-alike prompts and check the plain accounting)."""
     batch = sched.schedule()
     for item in batch:
         samples = item.samples
         item.seq.num_computed_tokens += item.num_new_tokens
+        if cache:
+            sched.block_manager.cache_full_blocks(item.seq)
         if samples:
             item.seq.token_ids.append(1)
     return [(item.seq.request_id, item.num_new_tokens) for item in batch]
@@ -76,3 +80,64 @@ def test_finish_removes_from_either_queue_and_frees():
     sched.finish(a, "abort")  # running, holding a block
     assert not sched.has_work() and sched.block_manager.num_free_blocks == 8
     assert a.finish_reason == b.finish_reason == "abort"
+
+
+# ------------------------------------------------------------------------------------------- prefix caching
+def prompt(rid: str, token_ids: list[int]) -> Sequence:
+    return Sequence(rid, list(token_ids), len(token_ids), SamplingParams(), seed=0)
+
+
+def test_a_cached_prefix_is_reused_and_its_free_blocks_count_against_growth():
+    bm = BlockManager(num_blocks=4, block_size=16)
+    a = prompt("a", range(48))
+    bm.grow(a, 48)
+    a.num_computed_tokens = 48
+    bm.cache_full_blocks(a)
+    a_table = list(a.block_table)
+    bm.free(a)
+    assert bm.num_free_blocks == 4 and bm.num_cached_blocks == 3  # free, but still cached
+
+    assert len(bm.match_prefix(prompt("same", range(48)))) == 2  # never the block of the last token
+    b = prompt("b", [*range(48), 99])
+    prefix = bm.match_prefix(b)
+    assert prefix == a_table and bm.can_grow(b, 49, prefix)  # 3 reused + 1 new: the whole cache
+    assert not BlockManager(num_blocks=3, block_size=16).can_grow(b, 49, [])
+    bm.grow(b, 49, prefix)
+    assert b.block_table[:3] == prefix and b.num_computed_tokens == 48 and bm.num_free_blocks == 0
+    assert bm.num_cached_tokens_hit == 48
+    assert bm.match_prefix(prompt("other", [5, *range(1, 48), 99])) == []  # the first block differs
+
+    c = prompt("c", [*range(32), 7, 7])  # shares b's first two blocks while b holds them
+    prefix = bm.match_prefix(c)
+    assert prefix == b.block_table[:2] and not bm.can_grow(c, 34, prefix)  # its third block has no room
+    bm.free(b)
+    assert bm.can_grow(c, 34, prefix)
+    bm.grow(c, 34, prefix)
+    assert bm.num_free_blocks == 1 and bm.num_cached_tokens_hit == 80
+
+
+def test_allocation_evicts_the_least_recently_freed_cached_block():
+    bm = BlockManager(num_blocks=2, block_size=16)
+    a = prompt("a", range(32))
+    bm.grow(a, 32)
+    a.num_computed_tokens = 32
+    bm.cache_full_blocks(a)
+    a_table = list(a.block_table)
+    bm.free(a)  # tail first: a's second block is the first to be evicted
+    fresh = prompt("fresh", [9] * 10)
+    bm.grow(fresh, 10)
+    assert fresh.block_table == [a_table[1]] and bm.num_cached_blocks == 1
+    assert bm.match_prefix(prompt("a again", [*range(32), 1])) == [a_table[0]]  # its first block survives
+
+
+def test_a_preempted_sequence_restarts_after_its_own_cached_blocks():
+    sched = Scheduler(BlockManager(3, 16), max_num_seqs=8, max_num_batched_tokens=100)
+    a, b = prompt("a", [1] * 16), prompt("b", [2] * 31)
+    sched.add(a)
+    sched.add(b)
+    assert run(sched, cache=True) == [("a", 16), ("b", 31)]
+    assert run(sched, cache=True) == [("a", 1)]  # b is preempted; its full first block stays cached
+    assert sched.num_preemptions == 1
+    sched.finish(a, "stop")
+    assert run(sched, cache=True) == [("b", 16)]  # recomputes only its second block (prompt + sampled token)
+    assert sched.block_manager.num_cached_tokens_hit == 16

@@ -252,3 +252,14 @@ def test_metrics_count_tokens_and_latencies(srv):
     assert metric(srv.metrics_url, "pagedllm_time_to_first_token_seconds_count") >= 1
     assert metric(srv.metrics_url, "pagedllm_inter_token_latency_seconds_count") >= MAX_TOKENS - 1
     assert wait_for_metric(srv.metrics_url, "pagedllm_num_requests_running", 0) == 0
+
+
+def test_prefix_cache_hits_are_counted(srv, model_dir):
+    ids = ids_of(9, 40)  # two full blocks of 16 shared by both requests
+    before = metric(srv.metrics_url, "pagedllm_prefix_cache_hit_tokens_total")
+    first = stream_one(srv.grpc_url, {"input_ids": np.array(ids, np.int64), **GREEDY})
+    second = stream_one(srv.grpc_url, {"input_ids": np.array(ids[:36] + [7, 8, 9], np.int64), **GREEDY})
+    assert first.error is None and second.error is None
+    assert first.token_ids == hf_greedy(model_dir, ids=ids, max_new_tokens=MAX_TOKENS)
+    assert second.token_ids == hf_greedy(model_dir, ids=ids[:36] + [7, 8, 9], max_new_tokens=MAX_TOKENS)
+    assert wait_for_metric(srv.metrics_url, "pagedllm_prefix_cache_hit_tokens_total", before + 32) == before + 32

@@ -49,8 +49,12 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(EngineConfig):
         if f.name in ("model_dir", "device"):
             continue
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default), default=None,
-                       choices=_CHOICES.get(f.name), help=f"engine {f.name} (default {f.default})")
+        flag, doc = "--" + f.name.replace("_", "-"), f"engine {f.name} (default {f.default})"
+        if isinstance(f.default, bool):  # --name / --no-name: type=bool would read "False" as True
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=doc)
+        else:
+            p.add_argument(flag, dest=f.name, type=type(f.default), default=None, choices=_CHOICES.get(f.name),
+                           help=doc)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences decoded together at most
     max_model_len: int = 0  # 0: the checkpoint's max_position_embeddings
     max_num_batched_tokens: int = 2048  # tokens in one forward pass (prefill is chunked to fit)
+    enable_prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix that an earlier request computed
 
     @classmethod
     def from_strings(cls, values: dict[str, str]) -> "EngineConfig":

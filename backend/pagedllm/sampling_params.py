@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_TOP_K = 1 << 20
+MAX_STOP_STRINGS = 32
+MAX_STOP_STRING_CHARS = 512
 MAX_SEED = (1 << 64) - 1
 
 
@@ -16,6 +18,8 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh random seed per request
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)  # stop strings: the text is cut before the first one found
+    include_stop_str_in_output: bool = False
 
     def validate(self, vocab_size: int, max_model_len: int) -> None:
         """Raise ValueError('<name>: <problem>') for the first bad value."""
@@ -40,6 +44,11 @@ class SamplingParams:
                 bad("stop_token_ids", f"{t!r} is outside the vocabulary [0, {vocab_size})")
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
+        if not isinstance(self.stop, list) or len(self.stop) > MAX_STOP_STRINGS:
+            bad("stop", f"must be a list of at most {MAX_STOP_STRINGS} strings")
+        for s in self.stop:
+            if not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_STRING_CHARS:
+                bad("stop", f"each stop string must be 1 to {MAX_STOP_STRING_CHARS} characters, got {s!r}")
 
 
 def _finite(x) -> bool:

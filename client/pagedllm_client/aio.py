@@ -222,13 +222,13 @@ class AsyncClient:
     async def generate(self, prompt: Any = None, *, text: str | None = None, input_ids: Any = None,
                        prompt_embeds: Any = None, max_tokens: int = 16, temperature: float | None = None,
                        top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                       stop_token_ids: Any = None, ignore_eos: bool | None = None,
+                       stop_token_ids: Any = None, ignore_eos: bool | None = None, stop: Any = None,
                        timeout: float | None = None) -> Result:
         """Client.generate's arguments (without `stream`: see generate_stream); returns the whole Result."""
         inputs = self._inputs(prompt, False, dict(
             text=text, input_ids=input_ids, prompt_embeds=prompt_embeds, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos))
+            ignore_eos=ignore_eos, stop=stop))
         if self.protocol == "http":
             response = await _post(self._http_session(), self._http_url(False), json_body(inputs), timeout)
             try:
@@ -252,13 +252,13 @@ class AsyncClient:
     def generate_stream(self, prompt: Any = None, *, text: str | None = None, input_ids: Any = None,
                         prompt_embeds: Any = None, max_tokens: int = 16, temperature: float | None = None,
                         top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                        stop_token_ids: Any = None, ignore_eos: bool | None = None,
+                        stop_token_ids: Any = None, ignore_eos: bool | None = None, stop: Any = None,
                         timeout: float | None = None) -> AsyncChunkStream:
         """Client.generate's arguments; `async for chunk in client.generate_stream(...)`."""
         inputs = self._inputs(prompt, True, dict(  # argument errors raise here, not at the first chunk
             text=text, input_ids=input_ids, prompt_embeds=prompt_embeds, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos))
+            ignore_eos=ignore_eos, stop=stop))
         return AsyncChunkStream(lambda: self._open(inputs, timeout))
 
     async def close(self) -> None:

@@ -83,7 +83,8 @@ class Client:
     def generate(self, prompt: Any = None, *, text: str | None = None, input_ids: Any = None,
                  prompt_embeds: Any = None, max_tokens: int = 16, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                 stop_token_ids: Any = None, ignore_eos: bool | None = None, stream: bool = False,
+                 stop_token_ids: Any = None, ignore_eos: bool | None = None, stop: Any = None,
+                 stream: bool = False,
                  timeout: float | None = None) -> Result | ChunkStream:
         """Generate from exactly one prompt: `text`, `input_ids` (list or array of ints) or `prompt_embeds`
         (array or torch tensor [seq_len, hidden_size]); `prompt` positionally picks one by its type.
@@ -93,7 +94,8 @@ class Client:
         inputs = build_inputs(prompt, text=text, input_ids=input_ids, prompt_embeds=prompt_embeds,
                               embeds_encoding=self.embeds_encoding, max_tokens=max_tokens,
                               temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                              stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, stream=stream)
+                              stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, stop=stop,
+                              stream=stream)
         if self.protocol == "http" and not stream:
             out = http_transport.generate(self._endpoint, self.model, json_body(inputs), timeout)
             return to_result([out])

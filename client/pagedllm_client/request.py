@@ -63,7 +63,7 @@ def build_inputs(prompt: Any = None, *, text: str | None = None, input_ids: Any 
                  prompt_embeds: Any = None, embeds_encoding: str = "fp16", max_tokens: int | None = 16,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  seed: int | None = None, stop_token_ids: Any = None, ignore_eos: bool | None = None,
-                 stream: bool = False) -> dict[str, np.ndarray]:
+                 stop: str | list[str] | None = None, stream: bool = False) -> dict[str, np.ndarray]:
     """The request's input tensors by name. Options left None are not sent. Embeddings go by
     `embeds_encoding`: "fp16" as `prompt_embeds` FP16 [seq_len, hidden] (gRPC's default), "fp32" as
     `prompt_embeds_fp32` flattened row-major (HTTP's default: JSON has no FP16 and only 1-D arrays),
@@ -117,6 +117,9 @@ def build_inputs(prompt: Any = None, *, text: str | None = None, input_ids: Any 
                                               else stop_token_ids)
     if ignore_eos is not None:
         inputs["ignore_eos"] = np.array([bool(ignore_eos)], dtype=np.bool_)
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        inputs["stop"] = np.array([s.encode("utf-8") for s in stops], dtype=np.object_)
     inputs["stream"] = np.array([bool(stream)], dtype=np.bool_)
     # Result.text and the streamed chunks then hold the same thing: the generated text only.
     inputs["exclude_input_in_output"] = np.array([True], dtype=np.bool_)

@@ -18,7 +18,8 @@ from ..kernels import get_ops
 from ..model.checkpoint import load_model_spec, load_weights
 from ..model.llama import LlamaForCausalLM
 from ..sampling_params import SamplingParams
-from .block_manager import BlockManager
+from ..stop_strings import StopStringFilter
+from .block_manager import BlockManager, embeds_digests
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -95,12 +96,13 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or self._default_num_blocks(bs)
         # A sequence must always fit in the cache by itself, or preemption could never make room for it.
         self.max_model_len = min(max_model_len, num_blocks * bs)
-        self.block_manager = BlockManager(num_blocks, bs)
+        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, num_blocks, bs)
         self.eos_token_ids = frozenset(self.spec.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
-        self._detok: dict[str, IncrementalDetokenizer] = {}
+        # per request: its detokenizer and, when it has stop strings, their filter
+        self._text: dict[str, tuple[IncrementalDetokenizer, StopStringFilter | None]] = {}
         log.info("pagedllm engine: %s on %s/%s, kernels=%s, %d KV blocks of %d tokens, max_model_len=%d",
                  self.spec.model_type, self.device, self.dtype, self.ops.name, num_blocks, bs, self.max_model_len)
         if self.device.type == "cuda":
@@ -138,7 +140,12 @@ class LLMEngine:
         if prompt_embeds is not None:
             name = prompt_name or "prompt_embeds"
             n = self._check_embeds(prompt_embeds, name)
-            prompt_embeds = prompt_embeds.to(device=self.device, dtype=self.dtype)
+            # Cast where it arrived (the host, for server requests) and take the prefix-cache digests there,
+            # so the engine thread never copies embeddings back from the GPU.
+            prompt_embeds = prompt_embeds.to(dtype=self.dtype)
+            digests = embeds_digests(prompt_embeds, self.config.block_size) \
+                if self.config.enable_prefix_caching else None
+            prompt_embeds = prompt_embeds.to(device=self.device)
             token_ids = [0] * n
         else:
             name, token_ids = prompt_name or "input_ids", [int(t) for t in prompt_token_ids]
@@ -156,8 +163,13 @@ class LLMEngine:
             params.validate(self.spec.vocab_size, self.max_model_len)
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequest("stop: stop strings need the checkpoint's tokenizer (use stop_token_ids)")
         seed = params.seed if params.seed is not None else random.getrandbits(64)
-        return Sequence(request_id, token_ids, n, params, seed, prompt_embeds)
+        seq = Sequence(request_id, token_ids, n, params, seed, prompt_embeds)
+        if prompt_embeds is not None:
+            seq.embeds_digests = digests
+        return seq
 
     def _check_embeds(self, t: torch.Tensor, name: str) -> int:
         if not isinstance(t, torch.Tensor):
@@ -179,7 +191,9 @@ class LLMEngine:
             raise InvalidRequest(f"request_id: {seq.request_id!r} is already running")
         self._seqs[seq.request_id] = seq
         if self.tokenizer is not None:
-            self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer)
+            stop = seq.params.stop
+            self._text[seq.request_id] = (IncrementalDetokenizer(self.tokenizer), StopStringFilter(
+                stop, seq.params.include_stop_str_in_output) if stop else None)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> StepOutput | None:
@@ -187,7 +201,7 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq, "abort")
-        return self._output(seq, [], finished=True)
+        return self._output(seq, [], "", finished=True)
 
     def unfinished_request_ids(self) -> list[str]:
         return list(self._seqs)
@@ -217,14 +231,18 @@ class LLMEngine:
             seq = item.seq
             samples = item.samples
             seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(seq)  # blocks it just filled become reusable
             if not samples:
                 continue
             token = next(sampled)
             seq.token_ids.append(token)
             reason = self._stop_reason(seq, token)
+            text, stop_string_found = self._new_text(seq, token, finished=reason is not None)
+            if stop_string_found:
+                reason = "stop"
             if reason is not None:
                 self.scheduler.finish(seq, reason)
-            outputs.append(self._output(seq, [token], finished=reason is not None))
+            outputs.append(self._output(seq, [token], text, finished=reason is not None))
         return outputs
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
@@ -235,13 +253,18 @@ class LLMEngine:
             return "length"
         return None
 
-    def _output(self, seq: Sequence, new_ids: list[int], finished: bool) -> StepOutput:
-        text = ""
-        detok = self._detok.get(seq.request_id)
-        if detok is not None:
-            text = detok.add(new_ids, finished)
+    def _new_text(self, seq: Sequence, token: int, finished: bool) -> tuple[str, bool]:
+        """The text this token adds (after stop-string handling), and whether a stop string was found."""
+        state = self._text.get(seq.request_id)
+        if state is None:
+            return "", False
+        detok, stop_filter = state
+        piece = detok.add([token], finished)
+        return stop_filter.feed(piece, finished) if stop_filter is not None else (piece, False)
+
+    def _output(self, seq: Sequence, new_ids: list[int], text: str, finished: bool) -> StepOutput:
         if finished:
             self._seqs.pop(seq.request_id, None)
-            self._detok.pop(seq.request_id, None)
+            self._text.pop(seq.request_id, None)
         return StepOutput(seq.request_id, new_ids, text, finished, seq.finish_reason,
                              seq.num_prompt_tokens, seq.num_output_tokens)

@@ -5,6 +5,8 @@ sequence takes one token, one still in prefill takes the next chunk of its promp
 with what budget is left, so a new request starts its prefill at the next step while others keep decoding.
 When the cache runs out of blocks, the newest running sequence is preempted: its blocks are freed and it
 goes back to the front of the queue, to be recomputed (prompt plus tokens so far) when room returns.
+With prefix caching, a sequence that starts (or restarts) first takes the cached blocks that already hold its
+leading full blocks, and its prefill begins after them.
 """
 from __future__ import annotations
 
@@ -71,11 +73,13 @@ class Scheduler:
             i += 1
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not bm.can_grow(seq, seq.num_computed_tokens + n):
+            seq = self.waiting[0]  # not started (new or preempted): it holds no blocks
+            prefix = bm.match_prefix(seq)  # cached blocks it can reuse: its prefill starts after them
+            start = len(prefix) * bm.block_size
+            n = min(seq.num_tokens - start, budget)
+            if not bm.can_grow(seq, start + n, prefix):
                 break
-            bm.grow(seq, seq.num_computed_tokens + n)
+            bm.grow(seq, start + n, prefix)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -28,6 +28,11 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    # Prefix caching (block_manager.py): the keys of its full blocks so far (they outlive preemption), the
+    # digest of each block's prompt embedding rows, and how many blocks of its table are registered.
+    block_hashes: list[bytes] = field(default_factory=list)
+    embeds_digests: list[bytes] | None = None
+    num_cached_blocks: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     arrival_time: float = field(default_factory=time.monotonic)
 

@@ -20,7 +20,8 @@ from ..sampling_params import SamplingParams
 
 PROMPT_INPUTS = ("input_ids", "prompt_embeds", "prompt_embeds_fp32", "prompt_embeds_base64", "text_input")
 # Sampling keys accepted as input tensors, inside `sampling_parameters` JSON, or as request parameters.
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos")
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos", "stop",
+                 "include_stop_str_in_output")
 FLAG_KEYS = ("stream", "exclude_input_in_output", "return_finish_reason", "return_num_input_tokens",
              "return_num_output_tokens")
 MAX_SAMPLING_JSON_BYTES = 64 * 1024
@@ -87,9 +88,31 @@ def _to_int_list(name: str, v: Any) -> list[int]:
     return [_to_int(name, x) for x in v]
 
 
+def _to_str_list(name: str, v: Any) -> list[str]:
+    """A string, a list of strings, or (as vllm_backend clients send values) a JSON list in a string."""
+    if isinstance(v, str) and v.strip().startswith("["):
+        try:
+            v = json.loads(v)
+        except json.JSONDecodeError:
+            pass
+    if isinstance(v, (str, bytes)):
+        v = [v]
+    if not isinstance(v, (list, tuple, np.ndarray)):
+        raise InvalidRequest(f"{name}: expected a string or a list of strings, got {v!r}")
+    out = []
+    for x in v:
+        if isinstance(x, bytes):
+            x = x.decode("utf-8", "replace")
+        if not isinstance(x, str):
+            raise InvalidRequest(f"{name}: expected strings, got {x!r}")
+        out.append(x)
+    return out
+
+
 _CONVERT: dict[str, Callable[[str, Any], Any]] = {
     "max_tokens": _to_int, "temperature": _to_float, "top_p": _to_float, "top_k": _to_int,
-    "seed": _to_int, "stop_token_ids": _to_int_list, "ignore_eos": _to_bool,
+    "seed": _to_int, "stop_token_ids": _to_int_list, "ignore_eos": _to_bool, "stop": _to_str_list,
+    "include_stop_str_in_output": _to_bool,
 }
 
 
@@ -167,7 +190,7 @@ def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict, tok
     for key in SAMPLING_KEYS + FLAG_KEYS:  # highest precedence: input tensors
         arr = get(key)
         if arr is not None:
-            values[key] = _convert(key, key, arr.reshape(-1).tolist() if key == "stop_token_ids"
+            values[key] = _convert(key, key, arr.reshape(-1).tolist() if key in ("stop_token_ids", "stop")
                                    else _scalar(key, arr))
 
     kwargs = {k: values[k] for k in SAMPLING_KEYS if k in values}

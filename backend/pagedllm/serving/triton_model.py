@@ -63,14 +63,23 @@ class _Metrics:
             labels, buckets=LATENCY_BUCKETS)
         self.itl = family("pagedllm_inter_token_latency_seconds", "Time between tokens of a request", hist).Metric(
             labels, buckets=LATENCY_BUCKETS)
+        self.cache_hits = family("pagedllm_prefix_cache_hit_tokens_total",
+                                 "Prompt tokens whose KV came from the prefix cache", counter).Metric(labels)
         self._last = None
+        self._last_hits = 0
 
-    def set_gauges(self, free: int, running: int, waiting: int) -> None:
-        if self._last != (free, running, waiting):  # each set is an IPC call: only on change
-            self._last = (free, running, waiting)
-            self.free_blocks.set(free)
-            self.running.set(running)
-            self.waiting.set(waiting)
+    def update(self, engine: LLMEngine) -> None:
+        """After each step. Each metric call is an IPC round trip: only what changed is sent."""
+        state = (engine.num_free_blocks, engine.num_running, engine.num_waiting)
+        if self._last != state:
+            self._last = state
+            self.free_blocks.set(state[0])
+            self.running.set(state[1])
+            self.waiting.set(state[2])
+        hits = engine.block_manager.num_cached_tokens_hit
+        if hits != self._last_hits:
+            self.cache_hits.increment(hits - self._last_hits)
+            self._last_hits = hits
 
 
 def _engine_config(args: dict) -> EngineConfig:
@@ -106,8 +115,7 @@ class TritonPythonModel:
         self._update_gauges()
 
     def _update_gauges(self) -> None:
-        e = self.engine
-        self.metrics.set_gauges(e.num_free_blocks, e.num_running, e.num_waiting)
+        self.metrics.update(self.engine)
 
     # ---- execute: validate, enqueue, return ---------------------------------------------------------
     def execute(self, requests):

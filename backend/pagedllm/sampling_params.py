@@ -20,6 +20,13 @@ class SamplingParams:
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)  # stop strings: the text is cut before the first one found
     include_stop_str_in_output: bool = False
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output (HF, vLLM)
+    presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def validate(self, vocab_size: int, max_model_len: int) -> None:
         """Raise ValueError('<name>: <problem>') for the first bad value."""
@@ -44,6 +51,12 @@ class SamplingParams:
                 bad("stop_token_ids", f"{t!r} is outside the vocabulary [0, {vocab_size})")
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
+        if not _finite(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
+            bad("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _finite(value) or not -2 <= value <= 2:
+                bad(name, f"must be in [-2, 2], got {value!r}")
         if not isinstance(self.stop, list) or len(self.stop) > MAX_STOP_STRINGS:
             bad("stop", f"must be a list of at most {MAX_STOP_STRINGS} strings")
         for s in self.stop:

@@ -97,3 +97,16 @@ def test_soft_prompt_is_prepended(make_tiny, start_server, tmp_path):
         res = ensemble(srv.grpc_url, {"text_input": np.array([PROMPT]), **GREEDY})
         assert res.error is None
         assert res.token_ids == hf_greedy(str(model_dir), embeds=want, max_new_tokens=12)
+
+
+def test_ensemble_over_http_generate_stream(llm_server):
+    from triton_helpers import http_generate
+
+    grpc = ensemble(llm_server.grpc_url, {"text_input": np.array([PROMPT]), **GREEDY, "stream": np.array([True])})
+    body = {"text_input": PROMPT, "max_tokens": 12, "temperature": 0, "stream": True}
+    code, events = http_generate(llm_server.http_url, body, stream=True, model="embed_llm")
+    assert code == 200, events
+    assert "".join(e["text_output"] for e in events) == grpc.text
+    code, whole = http_generate(llm_server.http_url, {**body, "stream": False}, model="embed_llm")
+    assert code == 200, whole
+    assert whole["text_output"] == grpc.text

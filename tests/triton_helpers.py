@@ -107,9 +107,9 @@ def stream_one(url: str, values: dict, parameters: dict | None = None, timeout: 
         s.close()
 
 
-def http_generate(http_url: str, body: dict, stream: bool = False, timeout: float = 120.0):
+def http_generate(http_url: str, body: dict, stream: bool = False, timeout: float = 120.0, model: str = "llm"):
     """POST to /generate (one JSON object) or /generate_stream (a list of the SSE events' JSON)."""
-    url = f"{http_url}/v2/models/llm/generate" + ("_stream" if stream else "")
+    url = f"{http_url}/v2/models/{model}/generate" + ("_stream" if stream else "")
     r = requests.post(url, json=body, stream=stream, timeout=timeout)
     if not stream:
         return r.status_code, r.json()

@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+from ..config import SUPPORTED_ARCHITECTURES
+
+SUPPORTED_MODEL_TYPES = tuple(SUPPORTED_ARCHITECTURES)
 
 
 class CheckpointError(ValueError):

@@ -32,10 +32,11 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 
+from pagedllm.config import SUPPORTED_ARCHITECTURES as SUPPORTED
 from pagedllm.config import EngineConfig
 
-SUPPORTED_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+SUPPORTED_MODEL_TYPES = set(SUPPORTED)
+SUPPORTED_ARCHITECTURES = set(SUPPORTED.values())
 _STUB = "triton_python_backend_stub"
 _ERROR_LINE = re.compile(rb"E\d{4} |error: ")  # glog error lines and "error: creating server"
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../pagedllm (not pagedllm.__file__: None in some installs)

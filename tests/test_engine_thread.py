@@ -89,3 +89,51 @@ def test_abort_from_another_thread(engine):
         thread.stop()
     assert finished.finish_reason == "abort" and finished.num_output_tokens < 400
     assert engine.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_step_failing_after_a_request_finished_in_it_still_ends_that_request(engine, monkeypatch):
+    """The step finishes "short" (its last token) and then fails on "other": "short" left the engine inside the
+    failing step, so it was not among the unfinished requests that get an error, and its output was lost."""
+    events: queue.Queue = queue.Queue()
+    real_new_text = engine._new_text
+
+    def failing_new_text(seq, token, finished):
+        if seq.request_id == "other" and seq.num_output_tokens == 1:
+            raise RuntimeError("simulated detokenizer failure")
+        return real_new_text(seq, token, finished)
+
+    monkeypatch.setattr(engine, "_new_text", failing_new_text)
+    thread = EngineThread(engine, on_outputs=lambda outs: events.put(("out", outs)),
+                          on_error=lambda rid, msg: events.put(("error", (rid, msg))))
+    try:
+        thread.submit(engine.make_sequence("short", SamplingParams(max_tokens=1, temperature=0),
+                                           prompt_token_ids=[5, 6, 7]))
+        thread.submit(engine.make_sequence("other", GREEDY, prompt_token_ids=[5, 6, 8]))
+        tokens, errors = collect(events, 2)
+    finally:
+        thread.stop()
+    assert set(tokens) | set(errors) == {"short", "other"}
+    assert "simulated detokenizer failure" in errors["other"]
+    assert engine.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_an_unexpected_error_adding_a_request_fails_it_alone(engine, monkeypatch):
+    """_handle caught only ValueError from engine.add: anything else escaped the loop and ended the thread."""
+    events: queue.Queue = queue.Queue()
+    real_add = engine.add
+
+    def add(seq):
+        if seq.request_id == "poison":
+            raise TypeError("unexpected")
+        real_add(seq)
+
+    monkeypatch.setattr(engine, "add", add)
+    thread = EngineThread(engine, on_outputs=lambda outs: events.put(("out", outs)),
+                          on_error=lambda rid, msg: events.put(("error", (rid, msg))))
+    try:
+        thread.submit(engine.make_sequence("poison", GREEDY, prompt_token_ids=[5, 6, 7]))
+        thread.submit(engine.make_sequence("fine", GREEDY, prompt_token_ids=[5, 6, 7]))
+        tokens, errors = collect(events, 2)
+    finally:
+        thread.stop()
+    assert "unexpected" in errors["poison"] and len(tokens["fine"]) == 4

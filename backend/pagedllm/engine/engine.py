@@ -53,11 +53,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None = None) -> torch.dtype:
+    """auto: float32 on CPU; on CUDA fp16 for fp16 checkpoints (what they were trained and tested in), else
+    bf16 (bf16 checkpoints can overflow fp16's range; fp32 ones are cast to half the memory)."""
     if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        if checkpoint_dtype == "float16" or not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if name not in dtypes:
         raise ValueError(f"dtype must be one of auto, {', '.join(dtypes)}; got {name!r}")
@@ -73,12 +77,25 @@ def load_tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+def _check_config(config: EngineConfig) -> None:
+    """Settings under which the scheduler could never run a request (the server would load, then hang)."""
+    for name in ("max_num_seqs", "max_num_batched_tokens"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    for name in ("num_kv_blocks", "max_model_len"):  # 0: derived
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must be >= 0 (0: derive it), got {getattr(config, name)}")
+    if not 0 < config.kv_cache_memory_fraction <= 1:
+        raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {config.kv_cache_memory_fraction}")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        _check_config(config)
         self.config = config
         self.spec = load_model_spec(config.model_dir)
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device, self.spec.torch_dtype)
         kernels = config.kernels if config.kernels != "auto" else ("triton" if self.device.type == "cuda" else "torch")
         self.ops = get_ops(kernels)
         self.tokenizer = load_tokenizer(config.model_dir)
@@ -142,7 +159,10 @@ class LLMEngine:
             n = self._check_embeds(prompt_embeds, name)
             # Cast where it arrived (the host, for server requests) and take the prefix-cache digests there,
             # so the engine thread never copies embeddings back from the GPU.
+            narrower = torch.finfo(self.dtype).max < torch.finfo(prompt_embeds.dtype).max
             prompt_embeds = prompt_embeds.to(dtype=self.dtype)
+            if narrower and not bool(torch.isfinite(prompt_embeds).all()):  # finite before, inf once cast
+                raise InvalidRequest(f"{name}: values outside the range of the model's dtype ({self.dtype})")
             digests = embeds_digests(prompt_embeds, self.config.block_size) \
                 if self.config.enable_prefix_caching else None
             prompt_embeds = prompt_embeds.to(device=self.device)
@@ -189,11 +209,14 @@ class LLMEngine:
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self._seqs:
             raise InvalidRequest(f"request_id: {seq.request_id!r} is already running")
-        self._seqs[seq.request_id] = seq
-        if self.tokenizer is not None:
+        text = None
+        if self.tokenizer is not None:  # built first: a request that fails here leaves nothing behind
             stop = seq.params.stop
-            self._text[seq.request_id] = (IncrementalDetokenizer(self.tokenizer), StopStringFilter(
+            text = (IncrementalDetokenizer(self.tokenizer), StopStringFilter(
                 stop, seq.params.include_stop_str_in_output) if stop else None)
+        self._seqs[seq.request_id] = seq
+        if text is not None:
+            self._text[seq.request_id] = text
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> StepOutput | None:

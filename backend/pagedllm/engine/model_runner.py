@@ -22,6 +22,7 @@ class ModelRunner:
                           for _ in range(spec.num_layers)]
         self.sampler = Sampler(model.ops, self.device)
         self._host: torch.Tensor | None = None  # reusable host buffer for each step's metadata
+        self._host_read: torch.cuda.Event | None = None  # recorded after the last copy out of _host (CUDA)
 
     @staticmethod
     def kv_bytes_per_block(model_spec, block_size: int, dtype: torch.dtype) -> int:
@@ -32,12 +33,23 @@ class ModelRunner:
         """Move the step's int32 metadata to the device in one copy: packed into one (pinned, on CUDA) host
         buffer that is reused every step, then split into device views."""
         total = sum(a.size for a in arrays)
+        # The last step's copy is asynchronous and only queued behind that step's forward pass; a step that
+        # sampled nothing (a prefill chunk) did not wait for it. Writing the buffer before the copy has read it
+        # would hand that step this step's slots and positions.
+        if self._host_read is not None:
+            self._host_read.synchronize()
         if self._host is None or self._host.numel() < total:
             self._host = torch.empty(max(total, 2 * (0 if self._host is None else self._host.numel())),
                                      dtype=torch.int32, pin_memory=self.device.type == "cuda")
         host = self._host[:total]
         np.concatenate([a.ravel() for a in arrays], out=host.numpy())
-        flat = host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        if self.device.type == "cuda":
+            flat = host.to(self.device, non_blocking=True)
+            if self._host_read is None:
+                self._host_read = torch.cuda.Event()
+            self._host_read.record()
+        else:
+            flat = host
         views, offset = [], 0
         for a in arrays:
             views.append(flat[offset:offset + a.size].view(a.shape))

@@ -5,6 +5,14 @@ import torch
 
 from .sequence import Sequence
 
+# Below this a temperature is greedy (as in vLLM): logits / T would overflow float32 to inf, and inf - inf in
+# the softmax gives NaN, which masks every token (the row then "samples" token 0).
+GREEDY_TEMPERATURE = 1e-5
+
+
+def _temperature(t: float) -> float:
+    return 0.0 if t < GREEDY_TEMPERATURE else t
+
 
 def _as_int64(seed: int) -> int:
     """Seeds are uint64; tensors hold int64. Keep the bits (two's complement)."""
@@ -21,10 +29,10 @@ class Sampler:
         penalized = [b for b, s in enumerate(seqs) if s.params.has_penalties]
         if penalized:  # opt-in, so the common batch pays nothing for it
             apply_penalties(logits, [seqs[b] for b in penalized], torch.tensor(penalized, device=logits.device))
-        if all(s.params.temperature == 0 for s in seqs):
+        if all(_temperature(s.params.temperature) == 0 for s in seqs):
             return logits.argmax(dim=-1)  # the common greedy batch needs no kernel at all
         params = [s.params for s in seqs]
-        floats = torch.tensor([[p.temperature, p.top_p] for p in params], dtype=torch.float32)
+        floats = torch.tensor([[_temperature(p.temperature), p.top_p] for p in params], dtype=torch.float32)
         ints = torch.tensor([[p.top_k, _as_int64(s.seed), s.num_output_tokens] for p, s in zip(params, seqs)],
                             dtype=torch.int64)
         floats, ints = floats.to(self.device, non_blocking=True), ints.to(self.device, non_blocking=True)

@@ -57,6 +57,10 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
         archs = ",".join(cfg.get("architectures") or []) or "?"
         raise CheckpointError(f"unsupported architecture {model_type!r} ({archs}); pagedllm serves "
                               f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    quant = cfg.get("quantization_config")
+    if quant:  # its weights are packed or scaled: loading them as plain tensors would serve a different model
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise CheckpointError(f"quantized checkpoints ({method}) are not supported; use an unquantized one")
     # transformers 5 nests rope settings in `rope_parameters`; 4.x uses rope_theta + rope_scaling.
     rope_params = cfg.get("rope_parameters") or {}
     rope_theta = float(cfg.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)
@@ -134,6 +138,8 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     if index.is_file():
         names = sorted(set(_read_json(index)["weight_map"].values()))
         return [model_dir / n for n in names]
+    if (model_dir / "model.safetensors").is_file():  # what transformers loads; not e.g. consolidated.safetensors
+        return [model_dir / "model.safetensors"]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{str(model_dir)!r} has no *.safetensors weights")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import ModelSpec, rope_cos_sin
+from .checkpoint import CheckpointError, ModelSpec, rope_cos_sin
 from .metadata import AttentionMetadata
 
 
@@ -48,6 +48,13 @@ class LlamaForCausalLM:
         lm_head = w.pop("lm_head.weight", None)
         self.lm_head = self.embed_weight if lm_head is None or spec.tie_word_embeddings else lm_head
         self.layers = [self._take_layer(w, i) for i in range(spec.num_layers)]
+        # Whatever is left would be silently ignored: an o_proj / MLP bias, quantization scales. Refuse rather
+        # than serve a different model (old conversions carry RoPE's inv_freq buffers, which are recomputed).
+        unused = sorted(n for n in w if not n.endswith("rotary_emb.inv_freq"))
+        if unused:
+            more = f" and {len(unused) - 1} more" if len(unused) > 1 else ""
+            raise CheckpointError(f"the checkpoint has weights pagedllm does not use: {unused[0]}{more} "
+                                  f"(an unsupported variant of {spec.model_type}, or a quantized checkpoint)")
         self.cos_sin = rope_cos_sin(spec, max_positions).to(self.embed_weight.device)
         self.scale = spec.head_dim ** -0.5
         self.dtype = self.embed_weight.dtype

@@ -44,11 +44,17 @@ class EngineThread:
         if kind == "add":
             try:
                 self.engine.add(arg)
-            except ValueError as e:
+            except Exception as e:  # whatever it is, it fails this request, not the thread
+                if not isinstance(e, ValueError):
+                    log.exception("pagedllm: adding %s failed", arg.request_id)
                 self._on_error(arg.request_id, str(e))
             return []
         if kind == "abort":
-            out = self.engine.abort(arg)
+            try:
+                out = self.engine.abort(arg)
+            except Exception:
+                log.exception("pagedllm: aborting %s failed", arg)
+                return []
             return [out] if out is not None else []
         return []
 
@@ -66,13 +72,19 @@ class EngineThread:
                     outputs += self._handle(kind, arg)
             except queue.Empty:
                 pass
+            # Taken before the step: a request that finishes inside a step that then fails has left the engine,
+            # and its output is lost with the step's, so it must get the error too.
+            in_flight = self.engine.unfinished_request_ids()
             try:
                 outputs += self.engine.step()
             except Exception as e:  # a bug or an OOM: fail what is in flight, keep serving
                 log.exception("pagedllm: engine step failed")
-                for request_id in self.engine.unfinished_request_ids():
-                    self.engine.abort(request_id)
+                for request_id in in_flight:
+                    self._handle("abort", request_id)  # guarded: one that fails to free still gets its error
                     self._on_error(request_id, f"internal error in the engine step: {e}")
-            if outputs:
-                self._on_outputs(outputs)
-            self._after_step()
+            try:  # callbacks (queue puts, metric IPC) must not end the thread that serves every request
+                if outputs:
+                    self._on_outputs(outputs)
+                self._after_step()
+            except Exception:
+                log.exception("pagedllm: engine thread callback failed")

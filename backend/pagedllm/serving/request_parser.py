@@ -58,7 +58,7 @@ def _to_float(name: str, v: Any) -> float:
         raise InvalidRequest(f"{name}: expected a number, got {v!r}")
     try:
         f = float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer past float's range
         raise InvalidRequest(f"{name}: expected a number, got {v!r}") from None
     if not math.isfinite(f):
         raise InvalidRequest(f"{name}: expected a finite number, got {v!r}")
@@ -79,7 +79,7 @@ def _to_int_list(name: str, v: Any) -> list[int]:
     if isinstance(v, str):
         try:
             v = json.loads(v) if v.strip().startswith("[") else [x for x in v.split(",") if x.strip()]
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than json can parse
             raise InvalidRequest(f"{name}: expected a list of integers, got {v!r}") from None
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
         v = [v]
@@ -93,7 +93,7 @@ def _to_str_list(name: str, v: Any) -> list[str]:
     if isinstance(v, str) and v.strip().startswith("["):
         try:
             v = json.loads(v)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             pass
     if isinstance(v, (str, bytes)):
         v = [v]
@@ -136,6 +136,8 @@ def _sampling_json(arr: np.ndarray) -> dict:
         obj = json.loads(raw) if raw.strip() else {}
     except json.JSONDecodeError as e:
         raise InvalidRequest(f"sampling_parameters: not valid JSON ({e.msg} at position {e.pos})") from None
+    except RecursionError:
+        raise InvalidRequest("sampling_parameters: not valid JSON (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise InvalidRequest("sampling_parameters: expected a JSON object")
     unknown = sorted(set(obj) - set(SAMPLING_KEYS))

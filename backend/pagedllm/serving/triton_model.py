@@ -40,6 +40,8 @@ class _RequestState:
     token_ids: list[int] = field(default_factory=list)  # accumulated when not streaming
     text: list[str] = field(default_factory=list)
     cancelled: bool = False
+    # Set by execute once the sequence is queued for the engine thread: until then an abort could overtake it.
+    submitted: bool = False
 
 
 class _Metrics:
@@ -131,11 +133,17 @@ class TritonPythonModel:
             except InvalidRequest as e:
                 _send_error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
                 continue
+            except Exception as e:  # not the request's fault (or not caught as such): it still ends, alone
+                log.exception("pagedllm: could not take a request")
+                _send_error(sender, f"internal error: {e}", pb_utils.TritonError.INTERNAL)
+                continue
             state = _RequestState(sender, parsed.stream, parsed.exclude_input_in_output, parsed.prompt_text,
                                   set(request.requested_output_names()), time.monotonic())
+            # Registered before it is submitted, so that the sender thread knows it before its first output.
             self._outbox.put(("register", (request_id, state)))
-            self.metrics.prompt_tokens.increment(seq.num_prompt_tokens)
             self.engine_thread.submit(seq)
+            state.submitted = True
+            _guarded(self.metrics.prompt_tokens.increment, seq.num_prompt_tokens)
         return None
 
     # ---- the sender thread --------------------------------------------------------------------------
@@ -148,22 +156,24 @@ class TritonPythonModel:
                 kind, arg = None, None
             if kind == "stop":
                 return
+            # Nothing raised here may end this thread: every request in flight depends on it.
             if kind == "register":
                 self._states[arg[0]] = arg[1]
             elif kind == "outputs":
                 for out in arg:
-                    self._deliver(out)
+                    _guarded(self._deliver, out)
             elif kind == "error":
                 state = self._states.pop(arg[0], None)
                 if state is not None:
-                    _send_error(state.sender, arg[1], pb_utils.TritonError.INTERNAL)
+                    _guarded(_send_error, state.sender, arg[1], pb_utils.TritonError.INTERNAL)
             if time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + CANCEL_POLL_SECONDS
-                self._poll_cancellations()
+                _guarded(self._poll_cancellations)
 
     def _poll_cancellations(self) -> None:
         for request_id, state in self._states.items():
-            if not state.cancelled and state.sender.is_cancelled():
+            # Not before it was submitted: the abort would reach the engine thread ahead of the sequence.
+            if state.submitted and not state.cancelled and state.sender.is_cancelled():
                 state.cancelled = True
                 self.engine_thread.abort(request_id)
 
@@ -171,38 +181,54 @@ class TritonPythonModel:
         state = self._states.get(out.request_id)
         if state is None:
             return
-        now = time.monotonic()
         if out.new_token_ids:
-            self.metrics.generation_tokens.increment(len(out.new_token_ids))
-            if state.last_token_time is None:
-                self.metrics.ttft.observe(now - state.arrival)
-            else:
-                self.metrics.itl.observe(now - state.last_token_time)
-            state.last_token_time = now
+            _guarded(self._observe_tokens, state, len(out.new_token_ids))
         if out.finished:
             del self._states[out.request_id]
             if out.finish_reason == "abort":
-                _send_error(state.sender, "request cancelled", pb_utils.TritonError.CANCELLED)
+                _guarded(_send_error, state.sender, "request cancelled", pb_utils.TritonError.CANCELLED)
                 return
-        if state.stream:
-            response = self._response(state, out.new_token_ids, out.new_text, out)
-        else:
-            state.token_ids += out.new_token_ids
-            state.text.append(out.new_text)
-            if not out.finished:
-                return
-            text = "".join(state.text)
-            if state.prompt_text is not None and not state.exclude_input:
-                text = state.prompt_text + text
-            response = self._response(state, state.token_ids, text, out)
+        try:
+            if state.stream:
+                response = self._response(state, out.new_token_ids, out.new_text, out)
+            else:
+                state.token_ids += out.new_token_ids
+                state.text.append(out.new_text)
+                if not out.finished:
+                    return
+                text = "".join(state.text)
+                if state.prompt_text is not None and not state.exclude_input:
+                    text = state.prompt_text + text
+                response = self._response(state, state.token_ids, text, out)
+        except Exception as e:  # a response that cannot be built ends the request, with an error
+            log.exception("pagedllm: building a response for %s failed", out.request_id)
+            self._fail(out, state, f"building a response failed: {e}")
+            return
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if out.finished else 0
         try:
             state.sender.send(response, flags=flags)
-        except Exception as e:  # the client went away: stop generating for it
+        except Exception as e:  # the client went away, or the response was refused: stop generating for it
             log.warning("pagedllm: sending to %s failed (%s); aborting it", out.request_id, e)
             if not out.finished:
-                self._states.pop(out.request_id, None)
-                self.engine_thread.abort(out.request_id)
+                self._fail(out, state, f"sending a response failed: {e}")
+
+    def _fail(self, out: StepOutput, state: _RequestState, message: str) -> None:
+        """End a request whose output could not go out: stop it in the engine and send a final error, or a
+        client that is still there (or Triton's HTTP stream) waits forever. If the client is gone, that send
+        fails too, harmlessly."""
+        if not out.finished:
+            self._states.pop(out.request_id, None)
+            self.engine_thread.abort(out.request_id)
+        _guarded(_send_error, state.sender, message, pb_utils.TritonError.INTERNAL)
+
+    def _observe_tokens(self, state: _RequestState, n: int) -> None:
+        now = time.monotonic()
+        last, state.last_token_time = state.last_token_time, now
+        self.metrics.generation_tokens.increment(n)
+        if last is None:
+            self.metrics.ttft.observe(now - state.arrival)
+        else:
+            self.metrics.itl.observe(now - last)
 
     @staticmethod
     def _response(state: _RequestState, token_ids: list[int], text: str, out: StepOutput):
@@ -221,8 +247,9 @@ class TritonPythonModel:
         self.engine_thread.stop()
         self._outbox.put(("stop", None))
         self._sender_thread.join(5)
-        for state in self._states.values():
-            _send_error(state.sender, "the model is being unloaded", pb_utils.TritonError.UNAVAILABLE)
+        states, self._states = list(self._states.values()), {}
+        for state in states:
+            _guarded(_send_error, state.sender, "the model is being unloaded", pb_utils.TritonError.UNAVAILABLE)
 
 
 def _input(request, name: str):
@@ -241,3 +268,12 @@ def _parameters(request) -> dict:
 def _send_error(sender, message: str, code) -> None:
     sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)),
                 flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+def _guarded(fn, *args) -> None:
+    """Call fn, logging rather than raising: for sends and metric updates (IPC calls that can fail) on threads
+    that other requests depend on."""
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("pagedllm: %s failed", getattr(fn, "__name__", fn))

@@ -1,0 +1,130 @@
+"""Engine, scheduler and checkpoint defects found in review, each pinned by a test."""
+from __future__ import annotations
+
+import pytest
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.engine import LLMEngine
+from pagedllm.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir):
+    return LLMEngine(EngineConfig(model_dir=str(tiny_llama_dir), num_kv_blocks=32))
+
+
+def run(engine, params, prompt=(5, 6, 7, 8), rid="r"):
+    engine.add(engine.make_sequence(rid, params, prompt_token_ids=list(prompt)))
+    outs = []
+    while engine.has_unfinished():
+        outs += [o for o in engine.step() if o.request_id == rid]
+    assert engine.num_free_blocks == engine.block_manager.num_blocks
+    return outs
+
+
+def tokens(outs):
+    return [t for o in outs for t in o.new_token_ids]
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-7])
+def test_a_tiny_positive_temperature_is_greedy(engine, temperature):
+    """logits / 1e-40 overflow float32: the softmax of top-k/top-p turned to NaN, every token was masked and the
+    row returned token 0 each step."""
+    greedy = tokens(run(engine, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)))
+    tiny = tokens(run(engine, SamplingParams(max_tokens=6, temperature=temperature, ignore_eos=True, seed=1)))
+    assert tiny == greedy
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------------
+
+def _copy_checkpoint(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_only_the_checkpoints_own_weight_files_are_loaded(tiny_llama_dir, tmp_path):
+    """Without an index every *.safetensors was loaded: Mistral repos ship consolidated.safetensors (the same
+    weights under other names) beside model.safetensors, which doubled the weights in (GPU) memory."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from pagedllm.model.checkpoint import load_weights
+
+    d = _copy_checkpoint(tiny_llama_dir, tmp_path / "ckpt")
+    save_file({"tok_embeddings.weight": torch.zeros(8, 8), "norm.weight": torch.zeros(64)},
+              d / "consolidated.safetensors")
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        own = set(f.keys())
+    assert set(load_weights(d, torch.float32, torch.device("cpu"))) == own
+
+
+def _add_tensors(model_dir, extra: dict):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = model_dir / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({**tensors, **extra}, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.o_proj.bias", "model.layers.1.mlp.down_proj.bias",
+                                  "model.layers.0.self_attn.q_proj.weight_scale"])
+def test_weights_the_model_would_ignore_are_refused(tiny_llama_dir, tmp_path, name):
+    """An o_proj / MLP bias (Llama `attention_bias` / `mlp_bias`) or an FP8 scale was silently dropped: the
+    server came up and generated from a different model than the checkpoint's."""
+    import torch
+
+    from pagedllm.model.checkpoint import CheckpointError
+
+    d = _copy_checkpoint(tiny_llama_dir, tmp_path / "ckpt")
+    _add_tensors(d, {name: torch.ones(64)})
+    with pytest.raises(CheckpointError, match=name.removeprefix("model.")):
+        LLMEngine(EngineConfig(model_dir=str(d), num_kv_blocks=8))
+
+
+def test_rotary_inv_freq_buffers_are_still_accepted(tiny_llama_dir, tmp_path):
+    import torch
+
+    d = _copy_checkpoint(tiny_llama_dir, tmp_path / "ckpt")
+    _add_tensors(d, {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)})
+    LLMEngine(EngineConfig(model_dir=str(d), num_kv_blocks=8))
+
+
+def test_a_quantized_checkpoint_is_refused_by_name(tiny_llama_dir, tmp_path):
+    import json
+
+    from pagedllm.model.checkpoint import CheckpointError, load_model_spec
+
+    d = _copy_checkpoint(tiny_llama_dir, tmp_path / "ckpt")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="gptq"):
+        load_model_spec(d)
+
+
+@pytest.mark.parametrize("setting", [{"max_num_seqs": 0}, {"max_num_batched_tokens": 0},
+                                     {"kv_cache_memory_fraction": 0.0}, {"num_kv_blocks": -1}])
+def test_settings_that_could_never_schedule_are_refused_at_load(tiny_llama_dir, setting):
+    """With max_num_seqs or max_num_batched_tokens 0 the server came up, then the engine thread spun at 100% CPU
+    and every request waited forever."""
+    with pytest.raises(ValueError, match=next(iter(setting))):
+        LLMEngine(EngineConfig(model_dir=str(tiny_llama_dir), **{"num_kv_blocks": 8, **setting}))
+
+
+def test_embeddings_that_overflow_the_model_dtype_are_refused(tiny_llama_dir):
+    """Finite FP32 embeddings (prompt_embeds_fp32) past FP16's range became inf when cast for an FP16 model:
+    the request passed the NaN/Inf check, then produced NaN logits."""
+    import torch
+
+    from pagedllm.engine.engine import InvalidRequest
+
+    engine = LLMEngine(EngineConfig(model_dir=str(tiny_llama_dir), num_kv_blocks=8, dtype="float16"))
+    embeds = torch.zeros(3, engine.spec.hidden_size)
+    embeds[1, 5] = 1e6
+    with pytest.raises(InvalidRequest, match="prompt_embeds_fp32: .*float16"):
+        engine.make_sequence("r", SamplingParams(), prompt_embeds=embeds, prompt_name="prompt_embeds_fp32")
+    engine.make_sequence("ok", SamplingParams(), prompt_embeds=embeds.clamp(max=1e4))

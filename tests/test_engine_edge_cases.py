@@ -1,4 +1,5 @@
-"""Engine, scheduler and checkpoint defects found in review, each pinned by a test."""
+"""Engine, sampler and checkpoint edge cases: settings that could never schedule, embeddings that overflow the
+model's dtype, tiny temperatures, stray weight files and weights the decoder would ignore."""
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,11 @@
-"""The `llm` Triton model's threads (execute, engine, sender) driven in-process through a fake
-`triton_python_backend_utils`: each request gets exactly one final response, errors and cancellations included,
-and no failure of one request or one IPC call stops the threads that serve the others."""
+"""Failure paths of the `llm` model's threads (execute, engine, sender) that a real server cannot be made to
+hit on demand: an IPC call that raises, a cancel that lands between two lines, a metric call that fails.
+
+These are unit tests: the model runs in-process against a stand-in for `triton_python_backend_utils` that
+records what is sent, so exact interleavings can be forced. The behaviour a client sees is tested against a
+real tritonserver in test_server.py, test_server_mixed_load.py and the others. What is checked here: each
+request gets exactly one final response, errors and cancellations included, and no failure of one request or
+one IPC call stops the threads that serve the others."""
 from __future__ import annotations
 
 import importlib

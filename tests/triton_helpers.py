@@ -16,6 +16,7 @@ from tritonclient.utils import np_to_triton_dtype
 @dataclass
 class Streamed:
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     num_responses: int = 0
@@ -73,6 +74,8 @@ class GrpcStream:
         res.num_responses += 1
         if result.as_numpy("token_ids") is not None:
             res.token_ids += result.as_numpy("token_ids").tolist()
+        if result.as_numpy("logprobs") is not None:
+            res.logprobs += result.as_numpy("logprobs").tolist()
         if result.as_numpy("text_output") is not None:
             res.texts += [t.decode() for t in result.as_numpy("text_output").reshape(-1)]
         if result.as_numpy("finish_reason") is not None:

@@ -26,6 +26,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    logprobs: list[float] | None = None  # with SamplingParams(return_logprobs=True): one per token
 
 
 @dataclass
@@ -71,6 +72,9 @@ class LLM:
             for out in self.engine.step():
                 completion = results[out.request_id].outputs[0]
                 completion.token_ids += out.new_token_ids
+                if out.new_logprobs is not None:
+                    completion.logprobs = completion.logprobs or []
+                    completion.logprobs.extend(out.new_logprobs)
                 texts[out.request_id].append(out.new_text)
                 if out.finished:
                     completion.finish_reason = out.finish_reason

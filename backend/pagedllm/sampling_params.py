@@ -23,6 +23,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output (HF, vLLM)
     presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated
+    return_logprobs: bool = False  # report each sampled token's log-probability (raw model distribution)
 
     @property
     def has_penalties(self) -> bool:
@@ -57,6 +58,8 @@ class SamplingParams:
             value = getattr(self, name)
             if not _finite(value) or not -2 <= value <= 2:
                 bad(name, f"must be in [-2, 2], got {value!r}")
+        if not isinstance(self.return_logprobs, bool):
+            bad("return_logprobs", f"must be a boolean, got {self.return_logprobs!r}")
         if not isinstance(self.stop, list) or len(self.stop) > MAX_STOP_STRINGS:
             bad("stop", f"must be a list of at most {MAX_STOP_STRINGS} strings")
         for s in self.stop:

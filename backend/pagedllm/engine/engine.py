@@ -42,6 +42,7 @@ class StepOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" once finished
     num_prompt_tokens: int
     num_output_tokens: int
+    new_logprobs: list[float] | None = None  # with return_logprobs: one per new token
 
 
 def resolve_device(name: str) -> torch.device:
@@ -248,8 +249,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        tokens = self.runner.run(batch)
-        outputs, sampled = [], iter(tokens)
+        tokens, logprobs = self.runner.run(batch)
+        outputs, sampled = [], iter(zip(tokens, logprobs))
         for item in batch:
             seq = item.seq
             samples = item.samples
@@ -257,7 +258,7 @@ class LLMEngine:
             self.block_manager.cache_full_blocks(seq)  # blocks it just filled become reusable
             if not samples:
                 continue
-            token = next(sampled)
+            token, logprob = next(sampled)
             seq.token_ids.append(token)
             reason = self._stop_reason(seq, token)
             text, stop_string_found = self._new_text(seq, token, finished=reason is not None)
@@ -265,7 +266,10 @@ class LLMEngine:
                 reason = "stop"
             if reason is not None:
                 self.scheduler.finish(seq, reason)
-            outputs.append(self._output(seq, [token], text, finished=reason is not None))
+            out = self._output(seq, [token], text, finished=reason is not None)
+            if logprob is not None:
+                out.new_logprobs = [logprob]
+            outputs.append(out)
         return outputs
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:

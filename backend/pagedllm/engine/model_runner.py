@@ -57,8 +57,9 @@ class ModelRunner:
         return views
 
     @torch.inference_mode()
-    def run(self, batch: list[ScheduledSequence]) -> list[int]:
-        """Forward the batch; return the sampled token of each sequence whose step reaches its end, in order."""
+    def run(self, batch: list[ScheduledSequence]) -> tuple[list[int], list[float | None]]:
+        """Forward the batch. For each sequence whose step reaches its end, in order: the sampled token, and its
+        log-probability under the model (None unless the request asked for it)."""
         bs = self.block_size
         ids, positions, slots, seq_lens, starts = [], [], [], [], [0]
         embeds: list[tuple[int, torch.Tensor]] = []  # (first row, rows) from prompt embeddings
@@ -92,6 +93,18 @@ class ModelRunner:
             hidden[row:row + rows.shape[0]] = rows
         hidden = self.model.forward(hidden, positions_t, meta, self.kv_caches)
         if not sampling:
-            return []
+            return [], []
         logits = self.model.logits(hidden[last_rows])
-        return self.sampler(logits, [batch[b].seq for b in sampling]).tolist()  # the step's one host sync
+        seqs = [batch[b].seq for b in sampling]
+        asked = [i for i, s in enumerate(seqs) if s.params.return_logprobs]
+        if asked:  # from the raw logits: the sampler may apply penalties in place
+            asked_rows = torch.tensor(asked, device=self.device)
+            log_probs = torch.log_softmax(logits[asked_rows], dim=-1)
+        tokens = self.sampler(logits, seqs)
+        token_list = tokens.tolist()  # the step's one host sync
+        logprobs: list[float | None] = [None] * len(seqs)
+        if asked:
+            picked = log_probs.gather(1, tokens[asked_rows][:, None]).squeeze(1).tolist()
+            for i, lp in zip(asked, picked):
+                logprobs[i] = lp
+        return token_list, logprobs

@@ -21,7 +21,8 @@ from ..sampling_params import SamplingParams
 PROMPT_INPUTS = ("input_ids", "prompt_embeds", "prompt_embeds_fp32", "prompt_embeds_base64", "text_input")
 # Sampling keys accepted as input tensors, inside `sampling_parameters` JSON, or as request parameters.
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos", "stop",
-                 "include_stop_str_in_output", "repetition_penalty", "presence_penalty", "frequency_penalty")
+                 "include_stop_str_in_output", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                 "return_logprobs")
 FLAG_KEYS = ("stream", "exclude_input_in_output", "return_finish_reason", "return_num_input_tokens",
              "return_num_output_tokens")
 MAX_SAMPLING_JSON_BYTES = 64 * 1024
@@ -113,7 +114,7 @@ _CONVERT: dict[str, Callable[[str, Any], Any]] = {
     "max_tokens": _to_int, "temperature": _to_float, "top_p": _to_float, "top_k": _to_int,
     "seed": _to_int, "stop_token_ids": _to_int_list, "ignore_eos": _to_bool, "stop": _to_str_list,
     "include_stop_str_in_output": _to_bool, "repetition_penalty": _to_float, "presence_penalty": _to_float,
-    "frequency_penalty": _to_float,
+    "frequency_penalty": _to_float, "return_logprobs": _to_bool,
 }
 
 

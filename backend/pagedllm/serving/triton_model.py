@@ -39,6 +39,7 @@ class _RequestState:
     last_token_time: float | None = None
     token_ids: list[int] = field(default_factory=list)  # accumulated when not streaming
     text: list[str] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
     cancelled: bool = False
     # Set by execute once the sequence is queued for the engine thread: until then an abort could overtake it.
     submitted: bool = False
@@ -190,16 +191,17 @@ class TritonPythonModel:
                 return
         try:
             if state.stream:
-                response = self._response(state, out.new_token_ids, out.new_text, out)
+                response = self._response(state, out.new_token_ids, out.new_text, out.new_logprobs or [], out)
             else:
                 state.token_ids += out.new_token_ids
+                state.logprobs += out.new_logprobs or []
                 state.text.append(out.new_text)
                 if not out.finished:
                     return
                 text = "".join(state.text)
                 if state.prompt_text is not None and not state.exclude_input:
                     text = state.prompt_text + text
-                response = self._response(state, state.token_ids, text, out)
+                response = self._response(state, state.token_ids, text, state.logprobs, out)
         except Exception as e:  # a response that cannot be built ends the request, with an error
             log.exception("pagedllm: building a response for %s failed", out.request_id)
             self._fail(out, state, f"building a response failed: {e}")
@@ -231,9 +233,11 @@ class TritonPythonModel:
             self.metrics.itl.observe(now - last)
 
     @staticmethod
-    def _response(state: _RequestState, token_ids: list[int], text: str, out: StepOutput):
+    def _response(state: _RequestState, token_ids: list[int], text: str, logprobs: list[float],
+                  out: StepOutput):
         values = {
             "token_ids": np.asarray(token_ids, dtype=np.int64),
+            "logprobs": np.asarray(logprobs, dtype=np.float32),  # empty unless return_logprobs
             "text_output": np.array([text.encode("utf-8")], dtype=np.object_),
             "finish_reason": np.array([(out.finish_reason or "").encode()], dtype=np.object_),
             "num_input_tokens": np.array([out.num_prompt_tokens], dtype=np.uint32),

@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 from .client import DEFAULT_EMBEDS_ENCODING, DEFAULT_URLS, check_protocol
 from .grpc_transport import error_from, infer_inputs, is_final
 from .http_transport import HttpEndpoint, error_message
-from .request import build_inputs, grpc_outputs, json_body, json_outputs, to_chunk, to_result
+from .request import build_inputs, grpc_outputs, json_body, json_outputs, sse_output, to_chunk, to_result
 from .types import Chunk, PagedLLMError, Result
 
 
@@ -90,14 +90,8 @@ class AioHttpCall:
         except BaseException as e:
             self.close()
             raise _http_error(e) from None
-        if obj is None:
-            self._done = True
-            return None
-        if "error" in obj:
-            self._done = True
-            raise PagedLLMError(str(obj["error"]))
-        out = json_outputs(obj)
-        self._done = bool(out["finish_reason"])
+        self._done = True  # until the event says otherwise (an error event raises)
+        out, self._done = sse_output(obj)
         return out
 
     def close(self) -> None:

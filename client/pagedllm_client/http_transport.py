@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .request import json_outputs
+from .request import json_outputs, sse_output
 from .types import PagedLLMError
 
 
@@ -121,15 +121,8 @@ class HttpStreamCall:
             if isinstance(e, (socket.timeout, TimeoutError)):
                 raise PagedLLMError("timed out waiting for the server", "DEADLINE_EXCEEDED") from None
             raise PagedLLMError(f"the stream broke: {e}", "UNAVAILABLE") from None
-        if obj is None:
-            self._done = True
-            return None
-        if "error" in obj:
-            self._done = True
-            raise PagedLLMError(str(obj["error"]))
-        out = json_outputs(obj)
-        if out["finish_reason"]:
-            self._done = True
+        self._done = True  # until the event says otherwise (an error event raises)
+        out, self._done = sse_output(obj)
         return out
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .types import Chunk, Result
+from .types import Chunk, PagedLLMError, Result
 
 # Inputs declared with dims [1]: sent as JSON scalars over HTTP.
 SCALAR_INPUTS = ("text_input", "prompt_embeds_base64", "max_tokens", "temperature", "top_p", "top_k", "seed",
@@ -124,6 +124,17 @@ def build_inputs(prompt: Any = None, *, text: str | None = None, input_ids: Any 
     # Result.text and the streamed chunks then hold the same thing: the generated text only.
     inputs["exclude_input_in_output"] = np.array([True], dtype=np.bool_)
     return inputs
+
+
+def sse_output(obj: dict[str, Any] | None) -> tuple[dict[str, Any] | None, bool]:
+    """One /generate_stream event (None: the stream ended) -> (its outputs or None, whether the stream is done).
+    An error event, which the server sends after status 200, raises."""
+    if obj is None:
+        return None, True
+    if "error" in obj:
+        raise PagedLLMError(str(obj["error"]))
+    out = json_outputs(obj)
+    return out, bool(out["finish_reason"])
 
 
 def json_body(inputs: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -78,6 +78,24 @@ import triton.language as tl  # noqa: E402
 
 
 @triton.jit
+def _mix32(h):
+    """mix32() of the reference on uint32 (multiplication wraps mod 2^32, shifts are logical)."""
+    h = h ^ (h >> 16)
+    h = h * 0x7FEB352D
+    h = h ^ (h >> 15)
+    h = h * 0x846CA68B
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _scaled_chunk(base, idx, ok, temp_b):
+    """A chunk of the row divided by the temperature (rounded like torch), and its order-preserving int32 keys."""
+    x = tl.math.div_rn(tl.load(base + idx, mask=ok, other=float("-inf")).to(tl.float32), temp_b)
+    xb = x.to(tl.int32, bitcast=True)
+    return x, tl.where(xb < 0, xb ^ 2147483647, xb)
+
+
+@triton.jit
 def _sample_kernel(logits_ptr, temp_ptr, top_k_ptr, top_p_ptr, seed_ptr, offset_ptr, out_ptr,
                    vocab, stride_row, BLOCK_V: tl.constexpr):
     """One program per row, streaming the row in BLOCK_V chunks; no sort, no host sync.
@@ -139,10 +157,7 @@ def _sample_kernel(logits_ptr, temp_ptr, top_k_ptr, top_p_ptr, seed_ptr, offset_
                     for start in range(0, vocab, BLOCK_V):
                         idx = start + cols
                         ok = idx < vocab
-                        x = tl.load(base + idx, mask=ok, other=float("-inf")).to(tl.float32)
-                        x = tl.math.div_rn(x, temp_b)
-                        xb = x.to(tl.int32, bitcast=True)
-                        key = tl.where(xb < 0, xb ^ INT_MAX, xb)
+                        x, key = _scaled_chunk(base, idx, ok, temp_b)
                         z += tl.sum(tl.where(ok & (key >= thr_k), tl.exp(x - m), 0.0), axis=0)
                 lo = tl.maximum(thr_k, INT_MIN + 1) - 1
                 c = p * z
@@ -156,10 +171,7 @@ def _sample_kernel(logits_ptr, temp_ptr, top_k_ptr, top_p_ptr, seed_ptr, offset_
                     for start in range(0, vocab, BLOCK_V):
                         idx = start + cols
                         ok = idx < vocab
-                        x = tl.load(base + idx, mask=ok, other=float("-inf")).to(tl.float32)
-                        x = tl.math.div_rn(x, temp_b)
-                        xb = x.to(tl.int32, bitcast=True)
-                        key = tl.where(xb < 0, xb ^ INT_MAX, xb)
+                        x, key = _scaled_chunk(base, idx, ok, temp_b)
                         gt = ok & (key > mid)
                         if phase == 0:
                             f += tl.sum(gt.to(tl.float32), axis=0)
@@ -181,37 +193,15 @@ def _sample_kernel(logits_ptr, temp_ptr, top_k_ptr, top_p_ptr, seed_ptr, offset_
         off32 = tl.load(offset_ptr + row).to(tl.uint32)
         lo32 = seed.to(tl.uint32)
         hi32 = (seed >> 32).to(tl.uint32)
-        h = hi32
-        saved = hi32
-        for i in tl.static_range(4):
-            if i == 1:
-                h = lo32 ^ h
-            if i == 2:
-                saved = h
-                h = off32
-            if i == 3:
-                h = saved ^ h
-            h = h ^ (h >> 16)
-            h = h * 0x7FEB352D
-            h = h ^ (h >> 15)
-            h = h * 0x846CA68B
-            h = h ^ (h >> 16)
-        row_key = h
+        row_key = _mix32(_mix32(lo32 ^ _mix32(hi32)) ^ _mix32(off32))
 
         best = tl.full([], float("-inf"), tl.float32)
         best_i = tl.zeros([], tl.int32)
         for start in range(0, vocab, BLOCK_V):
             idx = start + cols
             ok = idx < vocab
-            x = tl.math.div_rn(tl.load(base + idx, mask=ok, other=float("-inf")).to(tl.float32), temp_b)
-            xb = x.to(tl.int32, bitcast=True)
-            key = tl.where(xb < 0, xb ^ INT_MAX, xb)
-            u = row_key ^ (idx.to(tl.uint32) * 0x9E3779B1)
-            u = u ^ (u >> 16)
-            u = u * 0x7FEB352D
-            u = u ^ (u >> 15)
-            u = u * 0x846CA68B
-            u = u ^ (u >> 16)
+            x, key = _scaled_chunk(base, idx, ok, temp_b)
+            u = _mix32(row_key ^ (idx.to(tl.uint32) * 0x9E3779B1))
             uf = ((u >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)  # 24 bits: u < 1 exactly
             score = x - tl.log(-tl.log(uf))
             score = tl.where(ok & (key >= thr), score, float("-inf"))

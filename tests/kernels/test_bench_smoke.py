@@ -1,4 +1,4 @@
-"""bench/kernels.py --smoke runs end to end (tiny shapes; on CPU in the interpreter) and writes its JSON."""
+"""bench/kernels.py --smoke --tune runs end to end (tiny shapes; on CPU in the interpreter) and writes its JSON."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "kernels.py"
 
 def test_bench_smoke(tmp_path):
     env = dict(os.environ)
-    proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(tmp_path)], env=env,
+    proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--tune", "--out", str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "kernels.json").read_text())
@@ -23,6 +23,11 @@ def test_bench_smoke(tmp_path):
     assert data["copy_gbps"] > 0
     sample = [r for r in data["results"] if r["op"] == "sample"][0]
     assert sample["max_err"] == 0  # identical tokens
+    # the launch-config sweep: each tried variant agreed with the default launch and was timed
+    assert sorted(k.split()[0] for k in data["tune"]) == ["decode", "prefill"]
+    for case in data["tune"].values():
+        assert case["default_ms"] > 0 and len(case["variants"]) == 2
+        assert all(v["ms"] > 0 for v in case["variants"])
     try:
         import matplotlib  # noqa: F401
     except ImportError:

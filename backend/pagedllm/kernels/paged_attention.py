@@ -81,6 +81,54 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attn_tiles(q, m_i, l_i, acc, k_base, v_base, bt_row, t_lo, t_hi, kv_len, q_pos, scale_log2, d, d_ok,
+                stride_cb, stride_cs, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, FP32_DOT: tl.constexpr, MASKED: tl.constexpr):
+    """Online-softmax update of (m_i, l_i, acc) over key tiles t_lo .. t_hi - 1 of one sequence and KV head.
+
+    MASKED: apply the causal mask and skip keys at or past kv_len. Off, every key of the range must be
+    visible to every row (the caller's n_full), which spares the compare-and-select on each score and the
+    per-key load masks."""
+    n = tl.arange(0, TILE_N)
+    for t in range(t_lo, t_hi):
+        k_pos = t * TILE_N + n
+        if MASKED:
+            k_ok = k_pos < kv_len
+            blk = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        else:
+            blk = tl.load(bt_row + k_pos // BLOCK_SIZE).to(tl.int64)
+        off = blk * stride_cb + (k_pos % BLOCK_SIZE) * stride_cs
+        if MASKED:
+            k_t = tl.load(k_base + off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_base + off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        elif HEAD_DIM == HEAD_DIM_P:
+            k_t = tl.load(k_base + off[None, :] + d[:, None])
+            v = tl.load(v_base + off[:, None] + d[None, :])
+        else:
+            k_t = tl.load(k_base + off[None, :] + d[:, None], mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_base + off[:, None] + d[None, :], mask=d_ok[None, :], other=0.0)
+        if FP32_DOT:
+            s = tl.dot(q, k_t.to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(q, k_t)
+        s = s * scale_log2
+        if MASKED:
+            s = tl.where((k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if FP32_DOT:
+            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _paged_attn_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
         part_m_ptr, part_l_ptr, part_acc_ptr,
@@ -161,32 +209,18 @@ def _paged_attn_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
-    n = tl.arange(0, TILE_N)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-    for t in range(t_begin, t_end):
-        k_pos = t * TILE_N + n
-        k_ok = k_pos < kv_len
-        blk = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
-        off = blk * stride_cb + (k_pos % BLOCK_SIZE) * stride_cs + kvh * stride_ch
-        k_t = tl.load(k_cache_ptr + off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        if FP32_DOT:
-            s = tl.dot(q, k_t.to(tl.float32), input_precision="ieee")
-        else:
-            s = tl.dot(q, k_t)
-        s = s * scale_log2
-        s = tl.where((k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        if FP32_DOT:
-            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+    k_base = k_cache_ptr + kvh * stride_ch
+    v_base = v_cache_ptr + kvh * stride_ch
+    # Tiles below n_full hold only keys every row of the tile sees (k_pos <= the first query's position), so
+    # they skip the causal mask and the bounds masks; the diagonal and the context's ragged end come after.
+    n_full = (ctx_len + q_first + 1) // TILE_N
+    m_i, l_i, acc = _attn_tiles(q, m_i, l_i, acc, k_base, v_base, bt_row, t_begin, tl.minimum(t_end, n_full),
+                                kv_len, q_pos, scale_log2, d, d_ok, stride_cb, stride_cs,
+                                HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, TILE_N, FP32_DOT, False)
+    m_i, l_i, acc = _attn_tiles(q, m_i, l_i, acc, k_base, v_base, bt_row, tl.maximum(t_begin, n_full), t_end,
+                                kv_len, q_pos, scale_log2, d, d_ok, stride_cb, stride_cs,
+                                HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, TILE_N, FP32_DOT, True)
 
     if SPLIT:
         num_heads = tl.num_programs(1) * GROUP
@@ -233,7 +267,7 @@ def _sm_count(device: torch.device) -> int:
 
 def _plan_paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, *,
                           max_query_len=None, max_seq_len=None, split_kv=None, num_splits=None,
-                          block_m=None, tile_n=None, out=None, sm_count=None):
+                          block_m=None, tile_n=None, num_warps=None, num_stages=None, out=None, sm_count=None):
     T, H, D = q.shape
     _, BS, KVH, Dk = k_cache.shape
     B = seq_lens.shape[0]
@@ -297,7 +331,8 @@ def _plan_paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, se
         part_acc = torch.empty(T * H * num_splits * head_dim_p, dtype=torch.float32, device=q.device)
     else:
         part_m = part_l = part_acc = out  # unused
-    num_warps = 4 if (decode or head_dim_p <= 64) else 8
+    if num_warps is None:
+        num_warps = 4 if (decode or head_dim_p <= 64) else 8
     main = Launch(_paged_attn_kernel, (n_q_tiles, KVH, num_splits), dict(
         q_ptr=q, k_cache_ptr=k_cache, v_cache_ptr=v_cache, bt_ptr=block_tables, qsl_ptr=query_start_loc,
         seq_lens_ptr=seq_lens, out_ptr=out, part_m_ptr=part_m, part_l_ptr=part_l, part_acc_ptr=part_acc,
@@ -309,7 +344,7 @@ def _plan_paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, se
         TILE_N=tile_n, SPLIT=bool(split_kv), FP32_DOT=fp32_dot),
         constexprs=("HEAD_DIM", "HEAD_DIM_P", "BLOCK_SIZE", "GROUP", "BLOCK_M", "BLOCK_Q", "TILE_N", "SPLIT",
                     "FP32_DOT"),
-        num_warps=num_warps)
+        num_warps=num_warps, num_stages=num_stages)
     launches = [main]
     if split_kv:
         launches.append(Launch(_paged_attn_reduce_kernel, (T, H), dict(
@@ -324,8 +359,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                            scale: float, *, max_query_len: int | None = None, max_seq_len: int | None = None,
                            split_kv: bool | None = None, num_splits: int | None = None,
-                           block_m: int | None = None, tile_n: int | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           block_m: int | None = None, tile_n: int | None = None, num_warps: int | None = None,
+                           num_stages: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of `paged_attention_torch` (same arguments and result), with no host sync.
 
     Extra keyword arguments (all optional):
@@ -335,13 +370,14 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
       block table's capacity). Results never depend on them, only the launch shape does.
     - split_kv: None = auto (CUDA decode whose batch x kv_heads is below the SM count), True / False force it;
       num_splits overrides the number of KV splits.
-    - block_m, tile_n: tile overrides (rows of the q tile, a power of two >= the GQA group; keys per step).
+    - block_m, tile_n: tile overrides (rows of the q tile, a power of two >= the GQA group; keys per step);
+      num_warps, num_stages: launch overrides (bench/kernels.py --tune sweeps all four).
     - out: a [T, H, D] tensor to write into.
     q may be a strided view (unit stride in the last dim). query_start_loc, seq_lens, block_tables: int32.
     """
     launches, out = _plan_paged_attention(
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len=max_query_len,
         max_seq_len=max_seq_len, split_kv=split_kv, num_splits=num_splits, block_m=block_m, tile_n=tile_n,
-        out=out)
+        num_warps=num_warps, num_stages=num_stages, out=out)
     run(launches, q.device)
     return out

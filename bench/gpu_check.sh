@@ -47,7 +47,7 @@ tail -n 25 "$LOG"
 echo "phase A done at $((SECONDS - T0)) s" | tee -a "$LOG"
 
 # ---- B: timings (one at a time) -------------------------------------------------------------------------------
-timeout 240 "$PY" bench/kernels.py --out "$OUT" --tune --tune-budget 110 2>&1 | tee -a "$LOG"
+timeout 240 "$PY" bench/kernels.py --out "$OUT" --tune --tune-budget 80 2>&1 | tee -a "$LOG"
 BENCH=${PIPESTATUS[0]}
 echo "kernel bench done at $((SECONDS - T0)) s" | tee -a "$LOG"
 # A ~0.5B-parameter random Llama (hidden 2048, head dim 128, GQA 16/4): big enough for the GPU to matter.

@@ -237,10 +237,13 @@ def main(argv=None) -> int:
             # stages: on CPU (--smoke) two variants of each only check that the sweep itself works.
             B, ctx, H, KVH, D, BS = (3, 40, 4, 2, 64, 16) if smoke else (32, 4096, 32, 8, 128, 16)
             q, kc, vc, bt, qsl, sl, _, _ = paged_setup(B, ctx, 1, H, KVH, D, BS)
-            variants = [dict(tile_n=tn, num_warps=w, num_stages=st, split_kv=False)
-                        for tn, w, st in itertools.product((64, 32, 128), (4, 8, 2), (3, 4, 2))]
-            variants = variants[:4] + [dict(tile_n=tn, num_warps=4, split_kv=True, num_splits=ns)
-                                       for tn, ns in itertools.product((64, 32), (2, 4))] + variants[4:]
+            # the neighbours of the defaults first (a spent budget cuts the rest of the grid)
+            first = [dict(tile_n=128, num_warps=4, num_stages=3), dict(tile_n=128, num_warps=2, num_stages=2),
+                     dict(tile_n=64, num_warps=4, num_stages=2), dict(tile_n=128, split_kv=True, num_splits=2),
+                     dict(tile_n=64, split_kv=True, num_splits=2)]
+            grid = [dict(tile_n=tn, num_warps=w, num_stages=st)
+                    for tn, w, st in itertools.product((128, 64, 32), (4, 8, 2), (2, 3, 4))]
+            variants = first + [v for v in grid if v not in first]
             variants = variants[:2] if smoke else variants
             sweep(f"decode B{B} ctx{ctx} h{H}/{KVH} d{D}", (q, kc, vc, bt, qsl, sl), variants,
                   dict(max_query_len=1, max_seq_len=ctx),
@@ -249,8 +252,14 @@ def main(argv=None) -> int:
 
             T = 24 if smoke else 2048
             q, kc, vc, bt, qsl, sl, _, _ = paged_setup(1, T, T, H, KVH, D, BS)
-            variants = [dict(block_m=bm, tile_n=tn, num_warps=w, num_stages=st)
-                        for bm, tn, w, st in itertools.product((64, 128), (64, 128, 32), (8, 4), (3, 2, 4))]
+            first = [dict(block_m=64, tile_n=64, num_warps=4, num_stages=3),
+                     dict(block_m=128, tile_n=64, num_warps=8, num_stages=2),
+                     dict(block_m=64, tile_n=32, num_warps=4, num_stages=2),
+                     dict(block_m=64, tile_n=128, num_warps=4, num_stages=2),
+                     dict(block_m=128, tile_n=128, num_warps=8, num_stages=3)]
+            grid = [dict(block_m=bm, tile_n=tn, num_warps=w, num_stages=st)
+                    for bm, tn, w, st in itertools.product((64, 128), (64, 128, 32), (4, 8), (2, 3, 4))]
+            variants = first + [v for v in grid if v not in first]
             sweep(f"prefill T{T} h{H}/{KVH} d{D}", (q, kc, vc, bt, qsl, sl), variants[:2] if smoke else variants,
                   dict(max_query_len=T, max_seq_len=T), flops=4.0 * H * D * T * (T + 1) / 2)
             kc = vc = None

@@ -185,6 +185,17 @@ def test_preemption_with_shared_prefixes_matches_and_returns_every_block(model):
         assert got[f"r{i}"] == hf_greedy(model, ids=p, max_new_tokens=24), i
 
 
+def test_warmup_leaves_nothing_in_the_cache(model):
+    """The CUDA warmup (one dummy request, run at start) leaves no cached blocks behind: found on an H200, where
+    its blocks of zeros took cache space and skewed the cache-hit counts."""
+    engine = make_engine(model)
+    engine.warmup()  # runs by itself on CUDA; called directly here so that CPU runs check it too
+    assert engine.block_manager.num_cached_blocks == 0
+    assert engine.block_manager.enable_prefix_caching
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    check_blocks(engine)
+
+
 def test_eviction_reuses_cached_free_blocks_and_never_serves_stale_ones(model):
     engine = make_engine(model, num_kv_blocks=8)
     bm = engine.block_manager

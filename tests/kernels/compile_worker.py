@@ -10,6 +10,7 @@ Importing this module (for CASES) imports neither triton nor the kernels.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 import traceback
@@ -54,7 +55,7 @@ def _case_id(cc, op, p):
 CASES = {_case_id(cc, op, p): (cc, op, p) for cc in (90, 80) for op, p in _OPS}
 
 
-def build(op, p):
+def build(op, p, cc=90):
     """The planned launches for one case (imports the kernels: call with TRITON_INTERPRET=0)."""
     import torch
 
@@ -75,7 +76,7 @@ def build(op, p):
             q, kc, torch.empty_like(kc), torch.empty(B, 256, dtype=i32, device=M),
             torch.empty(B + 1, dtype=i32, device=M), torch.empty(B, dtype=i32, device=M), D ** -0.5,
             max_query_len=1 if p["mode"] != "prefill" else 2048, max_seq_len=4096,
-            split_kv=p["mode"] == "split", sm_count=132)
+            split_kv=p["mode"] == "split", sm_count=132, smem=SMEM_LIMIT[cc])
         return launches
     if op == "rms_norm":
         from pagedllm.kernels.rms_norm import _plan_rms_norm
@@ -114,11 +115,13 @@ def run_case(case_id):
     t0 = time.time()
     try:
         kernels = []
-        for ln in build(op, p):
+        for ln in build(op, p, cc):
             c = compile_launch(ln, cc)
             assert "cubin" in c.asm and len(c.asm["cubin"]) > 0
             kernels.append({"name": ln.kernel.fn.__name__, "shared": c.metadata.shared,
-                            "num_warps": c.metadata.num_warps})
+                            "num_warps": c.metadata.num_warps,
+                            # fp16 FMAs: rounding that differs from a multiply-then-add reference
+                            "f16_fma": len(re.findall(r"\bfma\.rn\S*\.f16(x2)?\b", c.asm.get("ptx", "")))})
         return {"ok": True, "kernels": kernels, "seconds": round(time.time() - t0, 2)}
     except Exception:
         return {"ok": False, "error": traceback.format_exc()[-4000:], "seconds": round(time.time() - t0, 2)}

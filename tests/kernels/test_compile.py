@@ -56,3 +56,11 @@ def test_compiles(compiled, case_id):
     cc = worker.CASES[case_id][0]
     for k in res["kernels"]:
         assert k["shared"] <= worker.SMEM_LIMIT[cc], f"{k['name']} needs {k['shared']} bytes of shared memory"
+
+
+@pytest.mark.parametrize("case_id", [c for c in worker.CASES if "rope_kv" in c and "-fp16-" in c])
+def test_rope_rounds_each_product(compiled, case_id):
+    """The fused rope must round like its reference (test_rope_kv_write.py::test_matches_reference_rounding, which
+    the GPU compiler broke on an H200 by contracting the products and the sum into fp16x2 FMAs): it is launched
+    with fp fusion off, so the PTX has no fp16 FMA."""
+    assert [k["f16_fma"] for k in compiled[case_id]["kernels"]] == [0]

@@ -125,3 +125,23 @@ def test_random_batches(seed, device, poisoned):
     assert not torch.isnan(got).any()
     ref = _reference(q, kc, vc, bt, qsl, sl, D ** -0.5)
     torch.testing.assert_close(got.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_one_compile_serves_every_batch_shape(device):
+    """The kernel is not specialised on the batch's shape (number of sequences, q tiles, splits): batches of 1,
+    3, 16 and 32 sequences, and prefills of several lengths, reuse the kernel compiled for the first one, so no
+    compile stalls a running server when its batch size changes (seen on an H200 before do_not_specialize)."""
+    if device.type != "cuda":
+        pytest.skip("counts compiled GPU kernels: the interpreter compiles nothing")
+    from pagedllm.kernels.paged_attention import _paged_attn_kernel
+
+    compiled = _paged_attn_kernel.device_caches[torch.cuda.current_device()][0]
+    for mode, shapes in (("decode", [[1] * b for b in (1, 3, 16, 32)]), ("prefill", [[17], [64], [5, 33]])):
+        counts = []
+        for q_lens in shapes:
+            seq_lens = [40 + 7 * i + q for i, q in enumerate(q_lens)]
+            q, kc, vc, bt, qsl, sl = _make_case(device, F16, 8, 2, 64, 16, q_lens, seq_lens)
+            paged_attention_triton(q, kc, vc, bt, qsl, sl, 0.125, split_kv=False,
+                                   max_query_len=max(q_lens), max_seq_len=max(seq_lens))
+            counts.append(len(compiled))
+        assert counts == [counts[0]] * len(counts), (mode, counts)

@@ -132,9 +132,14 @@ class LLMEngine:
         n = min(2 * self.config.block_size + 1, self.max_model_len - 2)
         seq = self.make_sequence("__warmup__", SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
                                  prompt_token_ids=[0] * n)
-        self.add(seq)
-        while self.has_unfinished():
-            self.step()
+        # Without prefix caching for its duration: its blocks of zeros must not sit in the cache afterwards.
+        caching, self.block_manager.enable_prefix_caching = self.block_manager.enable_prefix_caching, False
+        try:
+            self.add(seq)
+            while self.has_unfinished():
+                self.step()
+        finally:
+            self.block_manager.enable_prefix_caching = caching
 
     def _default_num_blocks(self, block_size: int) -> int:
         per_block = ModelRunner.kv_bytes_per_block(self.spec, block_size, self.dtype)

@@ -54,6 +54,9 @@ class Launch:
     constexprs: tuple = field(default=())  # names in args that are tl.constexpr parameters
     num_warps: int = 4
     num_stages: int | None = None
+    # False stops the GPU compiler from contracting a * b + c into one FMA: for kernels that must round each
+    # product like their torch reference does (the interpreter never contracts).
+    fp_fusion: bool = True
 
 
 def interpreting(kernel: Any, device: torch.device) -> bool:
@@ -73,6 +76,8 @@ def run(launches: list[Launch], device: torch.device) -> None:
         opts = {"num_warps": ln.num_warps}
         if ln.num_stages is not None:
             opts["num_stages"] = ln.num_stages
+        if not ln.fp_fusion:
+            opts["enable_fp_fusion"] = False
         kernel[ln.grid](**ln.args, **opts)
 
 
@@ -80,10 +85,12 @@ def signature_of(ln: Launch) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) for `triton.compiler.ASTSource`, from a planned launch.
 
     Tensors become pointers of their dtype, Python ints i32 (i64 when they do not fit), floats fp32.
-    Pointers and ints divisible by 16 get the divisibility hint a real launch would specialise on.
+    Pointers and ints divisible by 16 get the divisibility hint a real launch would specialise on (ints the kernel
+    lists in do_not_specialize do not).
     """
     fn = ln.kernel.fn if hasattr(ln.kernel, "fn") else ln.kernel
     names = list(inspect.signature(fn).parameters)
+    unspecialised = set(getattr(ln.kernel, "do_not_specialize", ()) or ())
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(names):
         v = ln.args[name]
@@ -97,7 +104,7 @@ def signature_of(ln: Launch) -> tuple[dict, dict, dict]:
             signature[name] = "i1"
         elif isinstance(v, int):
             signature[name] = "i32" if -2**31 <= v < 2**31 else "i64"
-            if v % 16 == 0 and v != 0:
+            if v % 16 == 0 and v != 0 and name not in unspecialised and i not in unspecialised:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
             signature[name] = "fp32"
@@ -121,4 +128,6 @@ def compile_launch(ln: Launch, cc: int):
     opts = {"num_warps": ln.num_warps}
     if ln.num_stages is not None:
         opts["num_stages"] = ln.num_stages
+    if not ln.fp_fusion:
+        opts["enable_fp_fusion"] = False
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)

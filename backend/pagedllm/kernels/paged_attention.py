@@ -111,13 +111,17 @@ def _attn_tiles(q, m_i, l_i, acc, k_base, v_base, bt_row, t_lo, t_hi, kv_len, q_
             s = tl.dot(q, k_t.to(tl.float32), input_precision="ieee")
         else:
             s = tl.dot(q, k_t)
-        s = s * scale_log2
         if MASKED:
             s = tl.where((k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        # m_i is kept in scaled (log2) units; the scale is applied inside exp2's argument, where it fuses
+        # into one FMA per score (max commutes with the positive scale).
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale_log2)
+        if MASKED:
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        else:
+            m_safe = m_new  # every row saw a key: finite
         alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
+        p = tl.exp2(s * scale_log2 - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         if FP32_DOT:
@@ -128,34 +132,40 @@ def _attn_tiles(q, m_i, l_i, acc, k_base, v_base, bt_row, t_lo, t_hi, kv_len, q_
     return m_i, l_i, acc
 
 
-@triton.jit
+# The batch's shape (how many sequences, tiles, splits) changes every step: left unspecialised, so that one
+# compiled kernel serves every batch (Triton would otherwise compile again for ints equal to 1 or divisible by
+# 16, a stall of seconds in the middle of serving).
+@triton.jit(do_not_specialize=["num_seqs", "num_splits", "num_q_tiles"])
 def _paged_attn_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
         part_m_ptr, part_l_ptr, part_acc_ptr,
-        scale_log2, num_seqs, num_splits,
+        scale_log2, num_seqs, num_splits, num_q_tiles, num_kv_heads,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_cb, stride_cs, stride_ch, stride_bt,
         HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
         SPLIT: tl.constexpr, FP32_DOT: tl.constexpr):
-    """Grid (q tiles, num_kv_heads, num_splits if SPLIT else 1).
+    """Grid (num_q_tiles * num_kv_heads, num_splits if SPLIT else 1).
 
-    A q tile is BLOCK_Q consecutive query tokens of ONE sequence times the GROUP query heads that share KV
-    head `program_id(1)`: row r of the [BLOCK_M, HEAD_DIM_P] tile is token r // GROUP, head r % GROUP
+    A q tile is BLOCK_Q consecutive query tokens of ONE sequence times the GROUP query heads that share one
+    KV head: row r of the [BLOCK_M, HEAD_DIM_P] tile is token r // GROUP, head r % GROUP
     (rows from BLOCK_Q * GROUP on are padding), so decode (BLOCK_Q = 1) still feeds tl.dot 16+ rows.
     Tiles are numbered without a host-side table: sequence b's tiles start at
     query_start_loc[b] // BLOCK_Q + b (+ b only when BLOCK_Q > 1: room for its partial last tile), and a
     program finds its sequence by binary search over query_start_loc. Keys are visited TILE_N positions at
     a time, each position looking up its own cache block (so TILE_N and BLOCK_SIZE are independent), with an
     online softmax in fp32 (base 2: the scale is pre-multiplied by log2(e)).
-    SPLIT: program_id(2) handles only its share of the key tiles and writes the unnormalised partial state
+    Programs take the q tiles last to first, KV heads fastest: a sequence's late queries see the most keys,
+    so the longest programs start first and the short ones fill the tail (prefill; decode tiles are all alike).
+    SPLIT: program_id(1) handles only its share of the key tiles and writes the unnormalised partial state
     (running max m, sum l, accumulator acc) for `_paged_attn_reduce_kernel` to merge.
     FP32_DOT: feed tl.dot fp32 operands with ieee precision (fp32 inputs, and bf16 in the interpreter, which
     stores bf16 as raw uint16 and would multiply the bit patterns); probabilities are still rounded to the
     value dtype first, as the GPU path does.
     """
-    tile = tl.program_id(0)
-    kvh = tl.program_id(1)
+    pid = tl.program_id(0)
+    kvh = pid % num_kv_heads
+    tile = num_q_tiles - 1 - pid // num_kv_heads
 
     # --- which sequence owns this tile: last b with tile_start(b) <= tile --------------------------------
     lo = tl.zeros([], tl.int32)
@@ -200,7 +210,7 @@ def _paged_attn_kernel(
     n_tiles = tl.cdiv(kv_len, TILE_N)
     if SPLIT:
         per_split = tl.cdiv(n_tiles, num_splits)
-        t_begin = tl.program_id(2) * per_split
+        t_begin = tl.program_id(1) * per_split
         t_end = tl.minimum(t_begin + per_split, n_tiles)
     else:
         t_begin = 0
@@ -223,8 +233,8 @@ def _paged_attn_kernel(
                                 HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, TILE_N, FP32_DOT, True)
 
     if SPLIT:
-        num_heads = tl.num_programs(1) * GROUP
-        prow = (tok * num_heads + head) * num_splits + tl.program_id(2)
+        num_heads = num_kv_heads * GROUP
+        prow = (tok * num_heads + head) * num_splits + tl.program_id(1)
         tl.store(part_m_ptr + prow, m_i, mask=row_ok)
         tl.store(part_l_ptr + prow, l_i, mask=row_ok)
         tl.store(part_acc_ptr + prow[:, None] * HEAD_DIM_P + d[None, :], acc, mask=row_ok[:, None])
@@ -234,7 +244,7 @@ def _paged_attn_kernel(
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _paged_attn_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, num_heads, num_splits,
                               stride_ot, stride_oh,
                               HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SPLITS_P: tl.constexpr):
@@ -255,19 +265,27 @@ def _paged_attn_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, num
     tl.store(out_ptr + tok * stride_ot + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-_SM_COUNT: dict[int, int] = {}
+_DEVICE_LIMITS: dict[int, tuple[int, int]] = {}
+
+
+def _device_limits(device: torch.device) -> tuple[int, int]:
+    """(multiprocessors, shared memory bytes a block may opt into) of a CUDA device."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _DEVICE_LIMITS:
+        props = torch.cuda.get_device_properties(idx)
+        smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024  # the smallest of sm_80+ parts
+        _DEVICE_LIMITS[idx] = (props.multi_processor_count, smem)
+    return _DEVICE_LIMITS[idx]
 
 
 def _sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+    return _device_limits(device)[0]
 
 
 def _plan_paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, *,
                           max_query_len=None, max_seq_len=None, split_kv=None, num_splits=None,
-                          block_m=None, tile_n=None, num_warps=None, num_stages=None, out=None, sm_count=None):
+                          block_m=None, tile_n=None, num_warps=None, num_stages=None, out=None, sm_count=None,
+                          smem=None):
     T, H, D = q.shape
     _, BS, KVH, Dk = k_cache.shape
     B = seq_lens.shape[0]
@@ -293,8 +311,19 @@ def _plan_paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, se
     if max_query_len is None:  # no host sync: every sequence has >= 1 query, so T == B means all decode
         max_query_len = 1 if T == B else T
     decode = max_query_len <= 1
+    # Launch defaults from `bench/kernels.py --tune` on an H200 (bench/RESULTS.md): decode is a stream over the
+    # cache, fastest with 128-key tiles double-buffered (where two such K+V stages fit in shared memory);
+    # prefill, with 64 x 64 tiles on one warpgroup (4 warps) and two stages.
+    if smem is None:
+        smem = _device_limits(q.device)[1] if q.device.type == "cuda" else 0
     if block_m is None:
         block_m = max(16, next_pow2(group)) if decode else max(16 if interp else 64, next_pow2(group))
+    wide_tiles = (2 * 2 * 128 * head_dim_p * q.element_size() + 32 * 1024) <= smem
+    if decode and tile_n is None and not interp and wide_tiles:
+        tile_n = 128
+        num_stages = 2 if num_stages is None else num_stages
+    if not decode and not interp and num_stages is None:
+        num_stages = 2
     block_q = 1 if decode else max(1, block_m // group)
     if block_m < max(16, group) or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two >= max(16, GQA group {group}), got {block_m}")
@@ -332,11 +361,12 @@ def _plan_paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, se
     else:
         part_m = part_l = part_acc = out  # unused
     if num_warps is None:
-        num_warps = 4 if (decode or head_dim_p <= 64) else 8
-    main = Launch(_paged_attn_kernel, (n_q_tiles, KVH, num_splits), dict(
+        num_warps = 4
+    main = Launch(_paged_attn_kernel, (n_q_tiles * KVH, num_splits), dict(
         q_ptr=q, k_cache_ptr=k_cache, v_cache_ptr=v_cache, bt_ptr=block_tables, qsl_ptr=query_start_loc,
         seq_lens_ptr=seq_lens, out_ptr=out, part_m_ptr=part_m, part_l_ptr=part_l, part_acc_ptr=part_acc,
-        scale_log2=float(scale) * _LOG2E, num_seqs=B, num_splits=num_splits,
+        scale_log2=float(scale) * _LOG2E, num_seqs=B, num_splits=num_splits, num_q_tiles=n_q_tiles,
+        num_kv_heads=KVH,
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
         stride_cb=k_cache.stride(0), stride_cs=k_cache.stride(1), stride_ch=k_cache.stride(2),
         stride_bt=block_tables.stride(0),

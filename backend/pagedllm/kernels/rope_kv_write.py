@@ -133,7 +133,9 @@ def _plan_rope_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_
         stride_vt=v.stride(0), stride_vh=v.stride(1), stride_cs=cos_sin.stride(0),
         stride_cb=k_cache.stride(0), stride_cslot=k_cache.stride(1), stride_ch=k_cache.stride(2),
         HEAD_DIM=D, HALF_P=half_p, BLOCK_H=block_h), constexprs=("HEAD_DIM", "HALF_P", "BLOCK_H"),
-        num_warps=4)
+        # Each product is rounded to the activations' dtype before the sum, as transformers' rope does; an FMA
+        # (the GPU compiler turns these into fp16x2 FMAs) would round once and drift by an ulp.
+        num_warps=4, fp_fusion=False)
     return [ln]
 
 

@@ -36,6 +36,9 @@ def _parse(argv):
     ap.add_argument("--tune", action="store_true",
                     help="CUDA: also time paged attention over tile / warp / stage / split variants")
     ap.add_argument("--tune-budget", type=float, default=150.0, help="seconds the --tune sweep may take")
+    ap.add_argument("--graph", action="store_true",
+                    help="CUDA: also time each op as a CUDA-graph replay (GPU time without the launch overhead)")
+    ap.add_argument("--only", default="", help="comma-separated sections to run (default: all), e.g. prefill,rope")
     return ap.parse_args(argv)
 
 
@@ -45,14 +48,20 @@ def _fmt(v, spec):
 
 
 def summary_table(results: list[dict]) -> str:
+    graph = any("triton_graph_ms" in r for r in results)
     head = (f"{'op':<16} {'case':<34} {'triton ms':>10} {'torch ms':>10} {'speedup':>8} {'GB/s':>8} "
-            f"{'%copy':>6} {'TFLOP/s':>8} {'max err':>9}")
+            f"{'%copy':>6} {'TFLOP/s':>8} {'max err':>9}" + (f" {'graph: triton':>13} {'torch':>8}" if graph else ""))
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(f"{r['op']:<16} {r['case']:<34} {_fmt(r.get('triton_ms'), '10.4f')} "
                      f"{_fmt(r.get('torch_ms'), '10.4f')} {_fmt(r.get('speedup'), '7.2f')}x "
                      f"{_fmt(r.get('gbps'), '8.0f')} {_fmt(r.get('pct_copy_bw'), '6.1f')} "
-                     f"{_fmt(r.get('tflops'), '8.1f')} {_fmt(r.get('max_err'), '9.2e')}")
+                     f"{_fmt(r.get('tflops'), '8.1f')} {_fmt(r.get('max_err'), '9.2e')}"
+                     + (f" {_fmt(r.get('triton_graph_ms'), '13.4f')} {_fmt(r.get('torch_graph_ms'), '8.4f')}"
+                        if graph else ""))
+    if graph:
+        lines.append("graph: ms per call replayed from a CUDA graph (GPU time without launch overhead; '-' where "
+                     "the op cannot be captured)")
     return "\n".join(lines)
 
 
@@ -98,6 +107,24 @@ def main(argv=None) -> int:
     smoke = args.smoke
     torch.manual_seed(0)
 
+    def graph_time(fn):
+        """Median ms of replaying fn captured in a CUDA graph (10 calls per replay), or None when fn cannot be
+        captured (host syncs: several torch reference ops have them)."""
+        import triton.testing
+
+        try:
+            fn()
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):  # captures on a side stream of its own
+                for _ in range(10):
+                    fn()
+            torch.cuda.synchronize()
+        except Exception as e:
+            print(f"  (no CUDA graph: {type(e).__name__}: {str(e)[:100]})")
+            return None
+        return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median") / 10
+
     def timeit(fn):
         if cuda:
             import triton.testing
@@ -112,19 +139,35 @@ def main(argv=None) -> int:
     results: list[dict] = []
     failed: list[str] = []
 
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+
+    def skip_unless(name):
+        if only and not any(o in name for o in only):
+            raise _Skip
+
+    class _Skip(Exception):
+        pass
+
     @contextlib.contextmanager
     def section(name):
-        """One kernel's timings: a failure is printed and recorded, and the other sections still run."""
+        """One kernel's timings: a failure is printed and recorded, and the other sections still run. The body
+        starts with `skip_unless(name)`, which leaves it at once when --only does not name it."""
         try:
             yield
+        except _Skip:
+            pass
         except Exception:
             traceback.print_exc()
             print(f"!! section {name} FAILED")
             failed.append(name)
 
-    def record(op, case, tri_fn, ref_fn, *, bytes_moved=None, flops=None, err=None):
+    def record(op, case, tri_fn, ref_fn, *, bytes_moved=None, flops=None, err=None, ref_graph=True):
         t_tri, t_ref = timeit(tri_fn), timeit(ref_fn)
         r = {"op": op, "case": case, "triton_ms": t_tri, "torch_ms": t_ref, "speedup": t_ref / t_tri}
+        if args.graph and cuda:
+            # ref_graph=False: the torch op syncs with the host (boolean indexing...), so it cannot be captured
+            r["triton_graph_ms"] = graph_time(tri_fn)
+            r["torch_graph_ms"] = graph_time(ref_fn) if ref_graph else None
         if bytes_moved is not None:
             r["gbps"] = bytes_moved / (t_tri * 1e-3) / 1e9
             r["pct_copy_bw"] = 100.0 * r["gbps"] / copy_gbps
@@ -169,6 +212,7 @@ def main(argv=None) -> int:
     if smoke:
         decode_cases = [("B3 ctx40 h4/2 d64", 3, 40, 4, 2, 64, 16)]
     with section("decode attention"):
+        skip_unless("decode attention")
         for case, B, ctx, H, KVH, D, BS in decode_cases:
             q, kc, vc, bt, qsl, sl, kk, vv = paged_setup(B, ctx, 1, H, KVH, D, BS)
             G = H // KVH
@@ -185,6 +229,7 @@ def main(argv=None) -> int:
             kc = vc = kk = vv = None  # free GPU memory (the lambdas above hold these names)
 
     with section("prefill attention"):
+        skip_unless("prefill attention")
         prefill = ("T2048 h32/8 d128", 2048, 32, 8, 128, 16) if not smoke else ("T24 h4/2 d64", 24, 4, 2, 64, 16)
         case, T, H, KVH, D, BS = prefill
         q, kc, vc, bt, qsl, sl, kk, vv = paged_setup(1, T, T, H, KVH, D, BS)
@@ -201,6 +246,7 @@ def main(argv=None) -> int:
     # ---- launch-config sweep (--tune): what the defaults in paged_attention.py are chosen from --------------
     tune: dict = {}
     with section("tune"):
+        skip_unless("tune")
         if args.tune:
             import itertools
 
@@ -267,6 +313,7 @@ def main(argv=None) -> int:
 
     # ---- rms_norm + residual -----------------------------------------------------------------------------
     with section("rms_norm"):
+        skip_unless("rms_norm")
         hidden = 128 if smoke else 4096
         for T in ((4,) if smoke else (32, 2048)):
             x = torch.randn(T, hidden, dtype=dtype, device=dev)
@@ -280,6 +327,7 @@ def main(argv=None) -> int:
 
     # ---- rope + kv write -----------------------------------------------------------------------------------
     with section("rope+kv_write"):
+        skip_unless("rope+kv_write")
         H, KVH, D, BS = (4, 2, 64, 16) if smoke else (32, 8, 128, 16)
         for T in ((5,) if smoke else (32, 2048)):
             qkv = torch.randn(T, (H + 2 * KVH) * D, dtype=dtype, device=dev)
@@ -301,10 +349,22 @@ def main(argv=None) -> int:
             record("rope+kv_write", f"T{T} h{H}/{KVH} d{D}",
                    lambda: TRITON_OPS.rope_and_write_kv(q, k, v, pos, cs, caches[0], caches[1], slots),
                    lambda: TORCH_OPS.rope_and_write_kv(q, k, v, pos, cs, caches[2], caches[3], slots),
-                   bytes_moved=moved, err=err)
+                   bytes_moved=moved, err=err, ref_graph=False)
+            if cuda and args.graph:
+                # What rounding like the reference costs: the same launch with FMA contraction allowed.
+                from pagedllm.kernels._triton_util import run as run_launches
+                from pagedllm.kernels.rope_kv_write import _plan_rope_and_write_kv
+
+                fused = _plan_rope_and_write_kv(q, k, v, pos, cs, caches[0], caches[1], slots)
+                for ln in fused:
+                    ln.fp_fusion = True
+                record("rope+kv_write", f"T{T} h{H}/{KVH} d{D} fp-fusion on", lambda: run_launches(fused, dev),
+                       lambda: TORCH_OPS.rope_and_write_kv(q, k, v, pos, cs, caches[2], caches[3], slots),
+                       bytes_moved=moved, ref_graph=False)
 
     # ---- silu_and_mul --------------------------------------------------------------------------------------
     with section("silu_and_mul"):
+        skip_unless("silu_and_mul")
         inter = 128 if smoke else 14336
         for T in ((4,) if smoke else (32, 2048)):
             gu = torch.randn(T, 2 * inter, dtype=dtype, device=dev)
@@ -314,6 +374,7 @@ def main(argv=None) -> int:
 
     # ---- sampling ------------------------------------------------------------------------------------------
     with section("sample"):
+        skip_unless("sample")
         B, V = (4, 256) if smoke else (64, 128256)
         logits = torch.randn(B, V, device=dev) * 4
         idx = torch.arange(B, device=dev)
@@ -326,7 +387,7 @@ def main(argv=None) -> int:
         b = TORCH_OPS.sample(logits, temp, top_k, top_p, seeds, offs)
         mismatch = float((a != b).sum().item())
         record("sample", f"B{B} V{V} mixed", lambda: TRITON_OPS.sample(logits, temp, top_k, top_p, seeds, offs),
-               lambda: TORCH_OPS.sample(logits, temp, top_k, top_p, seeds, offs), err=mismatch)
+               lambda: TORCH_OPS.sample(logits, temp, top_k, top_p, seeds, offs), err=mismatch, ref_graph=False)
 
     # ---- outputs -------------------------------------------------------------------------------------------
     out = Path(args.out)

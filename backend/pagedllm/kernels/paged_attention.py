@@ -311,17 +311,23 @@ def _plan_paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, se
     if max_query_len is None:  # no host sync: every sequence has >= 1 query, so T == B means all decode
         max_query_len = 1 if T == B else T
     decode = max_query_len <= 1
-    # Launch defaults from `bench/kernels.py --tune` on an H200 (bench/RESULTS.md): decode is a stream over the
-    # cache, fastest with 128-key tiles double-buffered (where two such K+V stages fit in shared memory);
-    # prefill, with 64 x 64 tiles on one warpgroup (4 warps) and two stages.
+    # Launch defaults from `bench/kernels.py --tune` on an H200 (bench/RESULTS.md), 16-bit: decode is a stream
+    # over the cache, fastest with 128-key tiles in two stages (one K + V tile of 128 keys must fit in shared
+    # memory: Triton takes ~73 KB for it at head dim 128, inside even a consumer part's 99 KB);
+    # prefill, with 64 x 64 tiles on one warpgroup (4 warps) and two stages (no register spills at head dim
+    # 128 on sm_90; the 128-row tile was 3 % faster but spills). fp32 (FP32_DOT: no tensor cores) runs out of
+    # registers with big tiles: 64 keys for decode, 32 keys on 8 warps for prefill.
     if smem is None:
         smem = _device_limits(q.device)[1] if q.device.type == "cuda" else 0
     if block_m is None:
         block_m = max(16, next_pow2(group)) if decode else max(16 if interp else 64, next_pow2(group))
-    wide_tiles = (2 * 2 * 128 * head_dim_p * q.element_size() + 32 * 1024) <= smem
-    if decode and tile_n is None and not interp and wide_tiles:
-        tile_n = 128
-        num_stages = 2 if num_stages is None else num_stages
+    if not interp and tile_n is None:
+        if decode and not fp32_dot and 128 * head_dim_p * q.element_size() * 2 + 8192 <= smem:
+            tile_n = 128
+            num_stages = 2 if num_stages is None else num_stages
+        elif not decode and fp32_dot:
+            tile_n = 32
+            num_warps = 8 if num_warps is None else num_warps
     if not decode and not interp and num_stages is None:
         num_stages = 2
     block_q = 1 if decode else max(1, block_m // group)

@@ -87,14 +87,21 @@ def prompt(rid: str, token_ids: list[int]) -> Sequence:
     return Sequence(rid, list(token_ids), len(token_ids), SamplingParams(), seed=0)
 
 
+def computed_cached_and_freed(bm: BlockManager, seq: Sequence) -> list[int]:
+    """Runs seq's whole prompt through bm (allocate, compute, register its full blocks), frees it (tail blocks
+    first) and returns the block table it had."""
+    n = seq.num_prompt_tokens
+    bm.grow(seq, n)
+    seq.num_computed_tokens = n
+    bm.cache_full_blocks(seq)
+    table = list(seq.block_table)
+    bm.free(seq)
+    return table
+
+
 def test_a_cached_prefix_is_reused_and_its_free_blocks_count_against_growth():
     bm = BlockManager(num_blocks=4, block_size=16)
-    a = prompt("a", range(48))
-    bm.grow(a, 48)
-    a.num_computed_tokens = 48
-    bm.cache_full_blocks(a)
-    a_table = list(a.block_table)
-    bm.free(a)
+    a_table = computed_cached_and_freed(bm, prompt("a", range(48)))
     assert bm.num_free_blocks == 4 and bm.num_cached_blocks == 3  # free, but still cached
 
     assert len(bm.match_prefix(prompt("same", range(48)))) == 2  # never the block of the last token
@@ -118,12 +125,7 @@ def test_a_cached_prefix_is_reused_and_its_free_blocks_count_against_growth():
 
 def test_allocation_evicts_the_least_recently_freed_cached_block():
     bm = BlockManager(num_blocks=2, block_size=16)
-    a = prompt("a", range(32))
-    bm.grow(a, 32)
-    a.num_computed_tokens = 32
-    bm.cache_full_blocks(a)
-    a_table = list(a.block_table)
-    bm.free(a)  # tail first: a's second block is the first to be evicted
+    a_table = computed_cached_and_freed(bm, prompt("a", range(32)))  # tail first: its 2nd block goes first
     fresh = prompt("fresh", [9] * 10)
     bm.grow(fresh, 10)
     assert fresh.block_table == [a_table[1]] and bm.num_cached_blocks == 1

@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from .client import DEFAULT_EMBEDS_ENCODING, DEFAULT_URLS, check_protocol
 from .grpc_transport import error_from, infer_inputs, is_final
-from .http_transport import HttpEndpoint, error_message
+from .http_transport import HttpEndpoint, error_message, sse_line
 from .request import build_inputs, grpc_outputs, json_body, json_outputs, sse_output, to_chunk, to_result
 from .types import Chunk, PagedLLMError, Result
 
@@ -74,13 +74,8 @@ class AioHttpCall:
         data: list[str] = []
         while True:
             line = await self._response.content.readline()
-            if not line:
+            if sse_line(line, data):
                 return json.loads("\n".join(data)) if data else None
-            line = line.rstrip(b"\r\n")
-            if line.startswith(b"data:"):
-                data.append(line[5:].strip().decode("utf-8"))
-            elif not line and data:
-                return json.loads("\n".join(data))
 
     async def next(self) -> dict[str, Any] | None:
         if self._done:

@@ -18,6 +18,19 @@ from .request import json_outputs, sse_output
 from .types import PagedLLMError
 
 
+def sse_line(line: bytes, data: list[str]) -> bool:
+    """Feeds one raw line of a server-sent-events stream: a `data:` line is added to `data`; True when the
+    event is complete (a blank line after data, or the stream's end: b"", where a last event may lack its
+    blank line, and `data` may be empty)."""
+    if not line:
+        return True
+    line = line.rstrip(b"\r\n")
+    if line.startswith(b"data:"):
+        data.append(line[5:].strip().decode("utf-8"))
+        return False
+    return not line and bool(data)
+
+
 @dataclass
 class HttpEndpoint:
     scheme: str
@@ -102,13 +115,8 @@ class HttpStreamCall:
             if self._deadline is not None and time.monotonic() > self._deadline:
                 raise socket.timeout("deadline passed")
             line = self._response.readline()
-            if not line:  # end of the stream; a last event may lack its blank line
+            if sse_line(line, data):
                 return json.loads("\n".join(data)) if data else None
-            line = line.rstrip(b"\r\n")
-            if line.startswith(b"data:"):
-                data.append(line[5:].strip().decode("utf-8"))
-            elif not line and data:
-                return json.loads("\n".join(data))
 
     def next(self) -> dict[str, Any] | None:
         if self._done:

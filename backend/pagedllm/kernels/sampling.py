@@ -96,6 +96,18 @@ def _scaled_chunk(base, idx, ok, temp_b):
 
 
 @triton.jit
+def _running_argmax(best, best_i, x, start):
+    """Folds chunk x (starting at index `start`) into the row's running (max, argmax); a later chunk wins only
+    with a strictly larger value, so ties keep the first index, as torch.argmax does."""
+    c_max = tl.max(x, axis=0)
+    c_arg = tl.argmax(x, axis=0)
+    if c_max > best:
+        best = c_max
+        best_i = start + c_arg
+    return best, best_i
+
+
+@triton.jit
 def _sample_kernel(logits_ptr, temp_ptr, top_k_ptr, top_p_ptr, seed_ptr, offset_ptr, out_ptr,
                    vocab, stride_row, BLOCK_V: tl.constexpr):
     """One program per row, streaming the row in BLOCK_V chunks; no sort, no host sync.
@@ -122,11 +134,7 @@ def _sample_kernel(logits_ptr, temp_ptr, top_k_ptr, top_p_ptr, seed_ptr, offset_
         for start in range(0, vocab, BLOCK_V):
             idx = start + cols
             x = tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
-            c_max = tl.max(x, axis=0)
-            c_arg = tl.argmax(x, axis=0)
-            if c_max > best:
-                best = c_max
-                best_i = start + c_arg
+            best, best_i = _running_argmax(best, best_i, x, start)
         tl.store(out_ptr + row, best_i.to(tl.int64))
     else:
         k = tl.load(top_k_ptr + row)
@@ -205,11 +213,7 @@ def _sample_kernel(logits_ptr, temp_ptr, top_k_ptr, top_p_ptr, seed_ptr, offset_
             uf = ((u >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)  # 24 bits: u < 1 exactly
             score = x - tl.log(-tl.log(uf))
             score = tl.where(ok & (key >= thr), score, float("-inf"))
-            c_max = tl.max(score, axis=0)
-            c_arg = tl.argmax(score, axis=0)
-            if c_max > best:
-                best = c_max
-                best_i = start + c_arg
+            best, best_i = _running_argmax(best, best_i, score, start)
         tl.store(out_ptr + row, best_i.to(tl.int64))
 
 

@@ -12,17 +12,15 @@ def seq(rid: str, prompt_len: int) -> Sequence:
 
 
 def run(sched: Scheduler, cache: bool = False):
-    """One step as the engine does it: schedule, then mark the tokens computed and 'sample' one token.
-    With cache, the filled blocks are registered for prefix caching, as the engine does (without, the cache
-    stays empty: the tests above use look-alike prompts and check the plain accounting)."""
+    """One step as the engine does it: schedule, then apply the step with every sampling sequence 'sampling'
+    token 1. Without cache, prefix caching is off for the step (the tests above use look-alike prompts and check
+    the plain accounting); with it, the filled blocks are registered as the engine does."""
     batch = sched.schedule()
-    for item in batch:
-        samples = item.samples
-        item.seq.num_computed_tokens += item.num_new_tokens
-        if cache:
-            sched.block_manager.cache_full_blocks(item.seq)
-        if samples:
-            item.seq.token_ids.append(1)
+    caching, sched.block_manager.enable_prefix_caching = sched.block_manager.enable_prefix_caching, cache
+    try:
+        sched.update_from_output(batch, [1] * sum(item.samples for item in batch))
+    finally:
+        sched.block_manager.enable_prefix_caching = caching
     return [(item.seq.request_id, item.num_new_tokens) for item in batch]
 
 

@@ -255,16 +255,8 @@ class LLMEngine:
         if not batch:
             return []
         tokens, logprobs = self.runner.run(batch)
-        outputs, sampled = [], iter(zip(tokens, logprobs))
-        for item in batch:
-            seq = item.seq
-            samples = item.samples
-            seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(seq)  # blocks it just filled become reusable
-            if not samples:
-                continue
-            token, logprob = next(sampled)
-            seq.token_ids.append(token)
+        outputs = []
+        for (seq, token), logprob in zip(self.scheduler.update_from_output(batch, tokens), logprobs):
             reason = self._stop_reason(seq, token)
             text, stop_string_found = self._new_text(seq, token, finished=reason is not None)
             if stop_string_found:

@@ -7,11 +7,14 @@ When the cache runs out of blocks, the newest running sequence is preempted: its
 goes back to the front of the queue, to be recomputed (prompt plus tokens so far) when room returns.
 With prefix caching, a sequence that starts (or restarts) first takes the cached blocks that already hold its
 leading full blocks, and its prefill begins after them.
+
+After the forward pass, `update_from_output` applies the step to every scheduled sequence: its new tokens
+count as computed, the blocks they filled become reusable, and each sampled token is appended.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
@@ -21,11 +24,12 @@ from .sequence import Sequence, SequenceStatus
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int  # tokens this step feeds, starting at seq.num_computed_tokens
+    # Does this step reach the sequence's last token, so that a new token is sampled? Decided when scheduled
+    # (not a property): applying the step changes the state it would be computed from.
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """Does this step reach the sequence's last token, so that a new token is sampled?"""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    def __post_init__(self):
+        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
 class Scheduler:
@@ -86,6 +90,22 @@ class Scheduler:
             scheduled.append(ScheduledSequence(seq, n))
             budget -= n
         return scheduled
+
+    def update_from_output(self, batch: list[ScheduledSequence], sampled: list[int]) -> list[tuple[Sequence, int]]:
+        """Apply a finished forward pass: each sequence's new tokens are now in the cache (and its full blocks
+        reusable); the sequences that sampled get their token, in batch order. Returns (sequence, token) for
+        those, for the engine to decide whether they stop."""
+        tokens = iter(sampled)
+        appended = []
+        for item in batch:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(seq)
+            if item.samples:
+                token = next(tokens)
+                seq.token_ids.append(token)
+                appended.append((seq, token))
+        return appended
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

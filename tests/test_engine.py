@@ -34,7 +34,7 @@ def prompts(vocab: int = 512, seed: int = 0) -> list[list[int]]:
 def run_all(engine: LLMEngine, requests: dict[str, dict]) -> dict[str, list[int]]:
     """Add every request, step until all finish, return each one's tokens."""
     for rid, kw in requests.items():
-        engine.add(engine.make_sequence(rid, kw.pop("params", GREEDY), **kw))
+        engine.add(engine.make_request(rid, kw.pop("params", GREEDY), **kw))
     tokens: dict[str, list[int]] = {rid: [] for rid in requests}
     while engine.has_unfinished():
         for out in engine.step():
@@ -98,12 +98,12 @@ def test_preemption_recomputes_and_still_matches(llama):
 def test_request_joins_the_running_batch_at_the_next_step(llama):
     engine = make_engine(llama)
     a, b = prompts(seed=4)[2], prompts(seed=4)[4]
-    engine.add(engine.make_sequence("a", GREEDY, prompt_token_ids=a))
+    engine.add(engine.make_request("a", GREEDY, prompt_token_ids=a))
     got = {"a": [], "b": []}
     for _ in range(3):
         for out in engine.step():
             got[out.request_id] += out.new_token_ids
-    engine.add(engine.make_sequence("b", GREEDY, prompt_token_ids=b))
+    engine.add(engine.make_request("b", GREEDY, prompt_token_ids=b))
     step_outputs = engine.step()  # one forward pass: a's decode token and b's whole prefill
     assert {o.request_id for o in step_outputs} == {"a", "b"}
     assert len(engine.scheduler.running) == 2
@@ -127,7 +127,7 @@ def test_stop_conditions(llama):
         "len": SamplingParams(max_tokens=4, temperature=0),
         "stop": SamplingParams(max_tokens=MAX_TOKENS, temperature=0, stop_token_ids=[stop_at]),
     }.items():
-        engine.add(engine.make_sequence(rid, params, prompt_token_ids=p))
+        engine.add(engine.make_request(rid, params, prompt_token_ids=p))
     while engine.has_unfinished():
         for o in engine.step():
             outs.setdefault(o.request_id, []).append(o)
@@ -153,7 +153,7 @@ def test_eos_stops_unless_ignored(llama):
 
 def test_abort_frees_blocks(llama):
     engine = make_engine(llama)
-    engine.add(engine.make_sequence("a", GREEDY, prompt_token_ids=prompts()[4]))
+    engine.add(engine.make_request("a", GREEDY, prompt_token_ids=prompts()[4]))
     engine.step()
     assert engine.num_free_blocks < engine.block_manager.num_blocks
     out = engine.abort("a")
@@ -198,7 +198,7 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(llama):
 def test_bad_requests_are_refused_with_the_input_named(llama, kwargs, params, message):
     engine = make_engine(llama)
     with pytest.raises(InvalidRequest) as e:
-        engine.make_sequence("bad", params, **kwargs)
+        engine.make_request("bad", params, **kwargs)
     assert message in str(e.value)
     assert engine.num_free_blocks == engine.block_manager.num_blocks
 

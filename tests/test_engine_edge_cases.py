@@ -15,7 +15,7 @@ def engine(tiny_llama_dir):
 
 
 def run(engine, params, prompt=(5, 6, 7, 8), rid="r"):
-    engine.add(engine.make_sequence(rid, params, prompt_token_ids=list(prompt)))
+    engine.add(engine.make_request(rid, params, prompt_token_ids=list(prompt)))
     outs = []
     while engine.has_unfinished():
         outs += [o for o in engine.step() if o.request_id == rid]
@@ -127,5 +127,5 @@ def test_embeddings_that_overflow_the_model_dtype_are_refused(tiny_llama_dir):
     embeds = torch.zeros(3, engine.spec.hidden_size)
     embeds[1, 5] = 1e6
     with pytest.raises(InvalidRequest, match="prompt_embeds_fp32: .*float16"):
-        engine.make_sequence("r", SamplingParams(), prompt_embeds=embeds, prompt_name="prompt_embeds_fp32")
-    engine.make_sequence("ok", SamplingParams(), prompt_embeds=embeds.clamp(max=1e4))
+        engine.make_request("r", SamplingParams(), prompt_embeds=embeds, prompt_name="prompt_embeds_fp32")
+    engine.make_request("ok", SamplingParams(), prompt_embeds=embeds.clamp(max=1e4))

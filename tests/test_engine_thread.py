@@ -8,6 +8,7 @@ import pytest
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.engine import LLMEngine
+from pagedllm.engine.request import Request
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.serving.engine_thread import EngineThread
 
@@ -39,7 +40,7 @@ def test_requests_from_another_thread_are_served(engine):
                           on_error=lambda rid, msg: events.put(("error", (rid, msg))))
     try:
         for rid in ("a", "b"):
-            thread.submit(engine.make_sequence(rid, GREEDY, prompt_token_ids=[5, 6, 7]))
+            thread.submit(engine.make_request(rid, GREEDY, prompt_token_ids=[5, 6, 7]))
         tokens, errors = collect(events, 2)
     finally:
         thread.stop()
@@ -62,11 +63,11 @@ def test_a_failing_step_fails_its_requests_and_the_thread_goes_on(engine, monkey
     thread = EngineThread(engine, on_outputs=lambda outs: events.put(("out", outs)),
                           on_error=lambda rid, msg: events.put(("error", (rid, msg))))
     try:
-        thread.submit(engine.make_sequence("doomed", GREEDY, prompt_token_ids=[5, 6, 7]))
+        thread.submit(engine.make_request("doomed", GREEDY, prompt_token_ids=[5, 6, 7]))
         tokens, errors = collect(events, 1)
         assert "simulated CUDA error" in errors["doomed"]
         assert engine.num_free_blocks == engine.block_manager.num_blocks
-        thread.submit(engine.make_sequence("next", GREEDY, prompt_token_ids=[5, 6, 7]))
+        thread.submit(engine.make_request("next", GREEDY, prompt_token_ids=[5, 6, 7]))
         tokens, errors = collect(events, 1)
     finally:
         thread.stop()
@@ -78,7 +79,7 @@ def test_abort_from_another_thread(engine):
     thread = EngineThread(engine, on_outputs=lambda outs: events.put(("out", outs)),
                           on_error=lambda rid, msg: events.put(("error", (rid, msg))))
     try:
-        thread.submit(engine.make_sequence("long", SamplingParams(max_tokens=400, temperature=0, ignore_eos=True),
+        thread.submit(engine.make_request("long", SamplingParams(max_tokens=400, temperature=0, ignore_eos=True),
                                            prompt_token_ids=[5, 6, 7]))
         thread.abort("long")
         finished = None
@@ -95,20 +96,20 @@ def test_a_step_failing_after_a_request_finished_in_it_still_ends_that_request(e
     """The step finishes "short" (its last token) and then fails on "other": "short" left the engine inside the
     failing step, so it was not among the unfinished requests that get an error, and its output was lost."""
     events: queue.Queue = queue.Queue()
-    real_new_text = engine._new_text
+    real_on_token = Request.on_token
 
-    def failing_new_text(seq, token, finished):
-        if seq.request_id == "other" and seq.num_output_tokens == 1:
+    def failing_on_token(request, token, logprob):
+        if request.request_id == "other" and request.seq.num_output_tokens == 1:
             raise RuntimeError("simulated detokenizer failure")
-        return real_new_text(seq, token, finished)
+        return real_on_token(request, token, logprob)
 
-    monkeypatch.setattr(engine, "_new_text", failing_new_text)
+    monkeypatch.setattr(Request, "on_token", failing_on_token)
     thread = EngineThread(engine, on_outputs=lambda outs: events.put(("out", outs)),
                           on_error=lambda rid, msg: events.put(("error", (rid, msg))))
     try:
-        thread.submit(engine.make_sequence("short", SamplingParams(max_tokens=1, temperature=0),
+        thread.submit(engine.make_request("short", SamplingParams(max_tokens=1, temperature=0),
                                            prompt_token_ids=[5, 6, 7]))
-        thread.submit(engine.make_sequence("other", GREEDY, prompt_token_ids=[5, 6, 8]))
+        thread.submit(engine.make_request("other", GREEDY, prompt_token_ids=[5, 6, 8]))
         tokens, errors = collect(events, 2)
     finally:
         thread.stop()
@@ -131,8 +132,8 @@ def test_an_unexpected_error_adding_a_request_fails_it_alone(engine, monkeypatch
     thread = EngineThread(engine, on_outputs=lambda outs: events.put(("out", outs)),
                           on_error=lambda rid, msg: events.put(("error", (rid, msg))))
     try:
-        thread.submit(engine.make_sequence("poison", GREEDY, prompt_token_ids=[5, 6, 7]))
-        thread.submit(engine.make_sequence("fine", GREEDY, prompt_token_ids=[5, 6, 7]))
+        thread.submit(engine.make_request("poison", GREEDY, prompt_token_ids=[5, 6, 7]))
+        thread.submit(engine.make_request("fine", GREEDY, prompt_token_ids=[5, 6, 7]))
         tokens, errors = collect(events, 2)
     finally:
         thread.stop()

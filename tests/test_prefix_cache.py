@@ -63,7 +63,7 @@ def check_blocks(engine: LLMEngine) -> None:
 
 
 def add(engine: LLMEngine, rid: str, params: SamplingParams = GREEDY, **prompt) -> None:
-    engine.add(engine.make_sequence(rid, params, **prompt))
+    engine.add(engine.make_request(rid, params, **prompt))
 
 
 def finish_all(engine: LLMEngine, got: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
@@ -155,12 +155,12 @@ def test_running_sequences_share_blocks_and_finishing_one_keeps_them(model):
     add(engine, "b", prompt_token_ids=b)
     for out in engine.step():
         got.setdefault(out.request_id, []).extend(out.new_token_ids)
-    seq_a, seq_b = engine._seqs["a"], engine._seqs["b"]
+    seq_a, seq_b = engine._requests["a"].seq, engine._requests["b"].seq
     shared = seq_a.block_table[:3]
     assert seq_b.block_table[:3] == shared and seq_b.block_table[3] != seq_a.block_table[3]
     assert [engine.block_manager._ref[blk] for blk in shared] == [2, 2, 2]
     check_blocks(engine)
-    while "a" in engine._seqs:  # a finishes first (3 tokens): its shared blocks stay with b
+    while "a" in engine._requests:  # a finishes first (3 tokens): its shared blocks stay with b
         for out in engine.step():
             got.setdefault(out.request_id, []).extend(out.new_token_ids)
     assert seq_b.block_table[:3] == shared and [engine.block_manager._ref[blk] for blk in shared] == [1, 1, 1]

@@ -344,10 +344,10 @@ def test_a_response_that_cannot_be_built_ends_the_request_with_an_error(model, m
     real = model._response
     calls = iter([True])
 
-    def response(state, token_ids, text, out):
+    def response(state, out):
         if next(calls, False):
             raise ValueError("cannot build the output tensors")
-        return real(state, token_ids, text, out)
+        return real(state, out)
 
     monkeypatch.setattr(model, "_response", response)
     s = FakeSender()

@@ -18,6 +18,7 @@ import torch
 
 from .config import EngineConfig
 from .engine.engine import LLMEngine
+from .engine.request import Request
 from .sampling_params import SamplingParams
 
 
@@ -62,36 +63,27 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params: got {len(params)} for {len(prompts)} prompts")
 
-        results: dict[str, RequestOutput] = {}
-        order = []
-        seqs = [self._sequence(p, sp, results, order) for p, sp in zip(prompts, params)]  # validate all first
-        for seq in seqs:
-            self.engine.add(seq)
-        texts: dict[str, list[str]] = {rid: [] for rid in order}
+        requests = [self._request(p, sp) for p, sp in zip(prompts, params)]  # validate all first
+        for request in requests:
+            self.engine.add(request)
         while self.engine.has_unfinished():
-            for out in self.engine.step():
-                completion = results[out.request_id].outputs[0]
-                completion.token_ids += out.new_token_ids
-                if out.new_logprobs is not None:
-                    completion.logprobs = completion.logprobs or []
-                    completion.logprobs.extend(out.new_logprobs)
-                texts[out.request_id].append(out.new_text)
-                if out.finished:
-                    completion.finish_reason = out.finish_reason
-        for rid in order:
-            results[rid].outputs[0].text = "".join(texts[rid])
-        return [results[rid] for rid in order]
+            self.engine.step()
+        return [_request_output(r) for r in requests]
 
-    def _sequence(self, prompt, params: SamplingParams, results: dict, order: list):
-        rid = str(next(self._ids))
+    def _request(self, prompt, params: SamplingParams) -> Request:
         text, ids, embeds = _unpack(prompt)
         if text is not None:
             ids = self.engine.tokenize(text)
-        seq = self.engine.make_sequence(rid, params, prompt_token_ids=ids, prompt_embeds=embeds)
-        results[rid] = RequestOutput(rid, text, list(ids) if ids is not None else None, seq.num_prompt_tokens,
-                                     [CompletionOutput("", [], None)])
-        order.append(rid)
-        return seq
+        return self.engine.make_request(str(next(self._ids)), params, prompt_token_ids=ids, prompt_embeds=embeds,
+                                        prompt_text=text)
+
+
+def _request_output(request: Request) -> RequestOutput:
+    seq = request.seq
+    prompt_ids = None if seq.prompt_embeds is not None else seq.token_ids[:seq.num_prompt_tokens]
+    completion = CompletionOutput(request.text, list(request.output_token_ids), request.finish_reason,
+                                  request.logprobs)
+    return RequestOutput(request.request_id, request.prompt_text, prompt_ids, seq.num_prompt_tokens, [completion])
 
 
 def _unpack(prompt) -> tuple[str | None, list[int] | None, torch.Tensor | None]:

@@ -1,26 +1,24 @@
 """The engine: load a checkpoint, accept requests, and step the batch until every request finishes.
 
-`make_sequence` validates a request and can run on any thread (it reads only what never changes);
+`make_request` validates a request and can run on any thread (it reads only what never changes);
 `add`, `abort` and `step` belong to the single thread that drives the engine.
 """
 from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..config import EngineConfig
-from ..detokenizer import IncrementalDetokenizer
 from ..kernels import get_ops
 from ..model.checkpoint import load_model_spec, load_weights
 from ..model.llama import LlamaForCausalLM
 from ..sampling_params import SamplingParams
-from ..stop_strings import StopStringFilter
 from .block_manager import BlockManager, embeds_digests
 from .model_runner import ModelRunner
+from .request import Request, StepOutput
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -31,18 +29,6 @@ CPU_DEFAULT_KV_TOKENS = 16384
 
 class InvalidRequest(ValueError):
     """A request the engine refuses. The message starts with the offending input's name."""
-
-
-@dataclass
-class StepOutput:
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str  # "" when the checkpoint has no tokenizer
-    finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" once finished
-    num_prompt_tokens: int
-    num_output_tokens: int
-    new_logprobs: list[float] | None = None  # with return_logprobs: one per new token
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,9 +104,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, num_blocks, bs)
         self.eos_token_ids = frozenset(self.spec.eos_token_ids)
-        self._seqs: dict[str, Sequence] = {}
-        # per request: its detokenizer and, when it has stop strings, their filter
-        self._text: dict[str, tuple[IncrementalDetokenizer, StopStringFilter | None]] = {}
+        self._requests: dict[str, Request] = {}  # added and not finished
         log.info("pagedllm engine: %s on %s/%s, kernels=%s, %d KV blocks of %d tokens, max_model_len=%d",
                  self.spec.model_type, self.device, self.dtype, self.ops.name, num_blocks, bs, self.max_model_len)
         if self.device.type == "cuda":
@@ -130,12 +114,12 @@ class LLMEngine:
         """Run one short request through prefill and decode, so that the Triton kernels are compiled (about a
         second each) before the first real request rather than during it."""
         n = min(2 * self.config.block_size + 1, self.max_model_len - 2)
-        seq = self.make_sequence("__warmup__", SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
-                                 prompt_token_ids=[0] * n)
+        request = self.make_request("__warmup__", SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+                                    prompt_token_ids=[0] * n)
         # Without prefix caching for its duration: its blocks of zeros must not sit in the cache afterwards.
         caching, self.block_manager.enable_prefix_caching = self.block_manager.enable_prefix_caching, False
         try:
-            self.add(seq)
+            self.add(request)
             while self.has_unfinished():
                 self.step()
         finally:
@@ -154,10 +138,12 @@ class LLMEngine:
             raise InvalidRequest("text_input: this checkpoint has no tokenizer; send input_ids or prompt_embeds")
         return list(self.tokenizer(text)["input_ids"])
 
-    def make_sequence(self, request_id: str, params: SamplingParams, prompt_token_ids=None,
-                      prompt_embeds: torch.Tensor | None = None, prompt_name: str = "") -> Sequence:
-        """Validate one request and build its Sequence. Raises InvalidRequest naming the bad input
-        (`prompt_name` names the input the prompt came in, when it was not input_ids or prompt_embeds)."""
+    def make_request(self, request_id: str, params: SamplingParams, prompt_token_ids=None,
+                     prompt_embeds: torch.Tensor | None = None, prompt_name: str = "",
+                     prompt_text: str | None = None) -> Request:
+        """Validate one request and build it. Raises InvalidRequest naming the bad input (`prompt_name` names
+        the input the prompt came in, when it was not input_ids or prompt_embeds; `prompt_text` is the text
+        a text prompt was tokenized from)."""
         if (prompt_token_ids is None) == (prompt_embeds is None):
             raise InvalidRequest("prompt: send exactly one of input_ids, prompt_embeds, text_input")
         if prompt_embeds is not None:
@@ -195,7 +181,7 @@ class LLMEngine:
         seq = Sequence(request_id, token_ids, n, params, seed, prompt_embeds)
         if prompt_embeds is not None:
             seq.embeds_digests = digests
-        return seq
+        return Request(seq, self.tokenizer, self.eos_token_ids, self.max_model_len, prompt_text)
 
     def _check_embeds(self, t: torch.Tensor, name: str) -> int:
         if not isinstance(t, torch.Tensor):
@@ -212,28 +198,22 @@ class LLMEngine:
         return t.shape[0]
 
     # ---- the engine thread ----------------------------------------------------------------------------
-    def add(self, seq: Sequence) -> None:
-        if seq.request_id in self._seqs:
-            raise InvalidRequest(f"request_id: {seq.request_id!r} is already running")
-        text = None
-        if self.tokenizer is not None:  # built first: a request that fails here leaves nothing behind
-            stop = seq.params.stop
-            text = (IncrementalDetokenizer(self.tokenizer), StopStringFilter(
-                stop, seq.params.include_stop_str_in_output) if stop else None)
-        self._seqs[seq.request_id] = seq
-        if text is not None:
-            self._text[seq.request_id] = text
-        self.scheduler.add(seq)
+    def add(self, request: Request) -> None:
+        if request.request_id in self._requests:
+            raise InvalidRequest(f"request_id: {request.request_id!r} is already running")
+        self._requests[request.request_id] = request
+        self.scheduler.add(request.seq)
 
     def abort(self, request_id: str) -> StepOutput | None:
-        seq = self._seqs.get(request_id)
-        if seq is None:
+        request = self._requests.pop(request_id, None)
+        if request is None:
             return None
-        self.scheduler.finish(seq, "abort")
-        return self._output(seq, [], "", finished=True)
+        out = request.on_abort()
+        self.scheduler.finish(request.seq, "abort")
+        return out
 
     def unfinished_request_ids(self) -> list[str]:
-        return list(self._seqs)
+        return list(self._requests)
 
     @property
     def num_running(self) -> int:
@@ -257,38 +237,10 @@ class LLMEngine:
         tokens, logprobs = self.runner.run(batch)
         outputs = []
         for (seq, token), logprob in zip(self.scheduler.update_from_output(batch, tokens), logprobs):
-            reason = self._stop_reason(seq, token)
-            text, stop_string_found = self._new_text(seq, token, finished=reason is not None)
-            if stop_string_found:
-                reason = "stop"
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-            out = self._output(seq, [token], text, finished=reason is not None)
-            if logprob is not None:
-                out.new_logprobs = [logprob]
+            request = self._requests[seq.request_id]
+            out = request.on_token(token, logprob)
+            if out.finished:
+                self.scheduler.finish(seq, request.finish_reason)
+                del self._requests[seq.request_id]
             outputs.append(out)
         return outputs
-
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        p = seq.params
-        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
-            return "stop"
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
-
-    def _new_text(self, seq: Sequence, token: int, finished: bool) -> tuple[str, bool]:
-        """The text this token adds (after stop-string handling), and whether a stop string was found."""
-        state = self._text.get(seq.request_id)
-        if state is None:
-            return "", False
-        detok, stop_filter = state
-        piece = detok.add([token], finished)
-        return stop_filter.feed(piece, finished) if stop_filter is not None else (piece, False)
-
-    def _output(self, seq: Sequence, new_ids: list[int], text: str, finished: bool) -> StepOutput:
-        if finished:
-            self._seqs.pop(seq.request_id, None)
-            self._text.pop(seq.request_id, None)
-        return StepOutput(seq.request_id, new_ids, text, finished, seq.finish_reason,
-                             seq.num_prompt_tokens, seq.num_output_tokens)

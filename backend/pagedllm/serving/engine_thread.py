@@ -1,6 +1,6 @@
 """Drives an LLMEngine on a background thread so that Triton's `execute` only validates and enqueues.
 
-Other threads talk to it through one queue: `submit` a validated Sequence, `abort` a request id. The loop
+Other threads talk to it through one queue: `submit` a validated Request, `abort` a request id. The loop
 drains the queue, runs one engine step, and hands the step's outputs to `on_outputs`; when there is no work
 it sleeps on the queue. A failing step fails the requests in flight, not the thread.
 """
@@ -11,8 +11,8 @@ import queue
 import threading
 from typing import Callable
 
-from ..engine.engine import LLMEngine, StepOutput
-from ..engine.sequence import Sequence
+from ..engine.engine import LLMEngine
+from ..engine.request import Request, StepOutput
 
 log = logging.getLogger("pagedllm")
 
@@ -29,8 +29,8 @@ class EngineThread:
         self._thread = threading.Thread(target=self._loop, name="pagedllm-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, seq: Sequence) -> None:
-        self._inbox.put(("add", seq))
+    def submit(self, request: Request) -> None:
+        self._inbox.put(("add", request))
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

@@ -13,13 +13,14 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..config import EngineConfig
-from ..engine.engine import InvalidRequest, LLMEngine, StepOutput
+from ..engine.engine import InvalidRequest, LLMEngine
+from ..engine.request import StepOutput
 from .engine_thread import EngineThread
 from .request_parser import parse_request
 
@@ -30,16 +31,13 @@ LATENCY_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
 
 @dataclass
 class _RequestState:
+    """What the sender thread needs to answer one request (its output lives on the engine's Request)."""
     sender: object
     stream: bool
     exclude_input: bool
-    prompt_text: str | None
     requested: set[str]
     arrival: float
     last_token_time: float | None = None
-    token_ids: list[int] = field(default_factory=list)  # accumulated when not streaming
-    text: list[str] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
     cancelled: bool = False
     # Set by execute once the sequence is queued for the engine thread: until then an abort could overtake it.
     submitted: bool = False
@@ -107,7 +105,6 @@ class TritonPythonModel:
         self._ids = itertools.count()
         self._states: dict[str, _RequestState] = {}  # touched by the sender thread only, after registration
         self._outbox: queue.Queue = queue.Queue()
-        self._closing = False
         self._sender_thread = threading.Thread(target=self._send_loop, name="pagedllm-sender", daemon=True)
         self._sender_thread.start()
         self.engine_thread = EngineThread(
@@ -129,8 +126,9 @@ class TritonPythonModel:
                                        self.engine.tokenize, self.engine.spec.hidden_size,
                                        self.engine.max_model_len)
                 request_id = f"{next(self._ids)}-{request.request_id()}"
-                seq = self.engine.make_sequence(request_id, parsed.params, parsed.prompt_token_ids,
-                                                parsed.prompt_embeds, prompt_name=parsed.prompt_name)
+                engine_request = self.engine.make_request(
+                    request_id, parsed.params, parsed.prompt_token_ids, parsed.prompt_embeds,
+                    prompt_name=parsed.prompt_name, prompt_text=parsed.prompt_text)
             except InvalidRequest as e:
                 _send_error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
                 continue
@@ -138,13 +136,13 @@ class TritonPythonModel:
                 log.exception("pagedllm: could not take a request")
                 _send_error(sender, f"internal error: {e}", pb_utils.TritonError.INTERNAL)
                 continue
-            state = _RequestState(sender, parsed.stream, parsed.exclude_input_in_output, parsed.prompt_text,
+            state = _RequestState(sender, parsed.stream, parsed.exclude_input_in_output,
                                   set(request.requested_output_names()), time.monotonic())
             # Registered before it is submitted, so that the sender thread knows it before its first output.
             self._outbox.put(("register", (request_id, state)))
-            self.engine_thread.submit(seq)
+            self.engine_thread.submit(engine_request)
             state.submitted = True
-            _guarded(self.metrics.prompt_tokens.increment, seq.num_prompt_tokens)
+            _guarded(self.metrics.prompt_tokens.increment, engine_request.seq.num_prompt_tokens)
         return None
 
     # ---- the sender thread --------------------------------------------------------------------------
@@ -189,19 +187,10 @@ class TritonPythonModel:
             if out.finish_reason == "abort":
                 _guarded(_send_error, state.sender, "request cancelled", pb_utils.TritonError.CANCELLED)
                 return
+        if not state.stream and not out.finished:
+            return  # a whole response goes out once, from the finished request
         try:
-            if state.stream:
-                response = self._response(state, out.new_token_ids, out.new_text, out.new_logprobs or [], out)
-            else:
-                state.token_ids += out.new_token_ids
-                state.logprobs += out.new_logprobs or []
-                state.text.append(out.new_text)
-                if not out.finished:
-                    return
-                text = "".join(state.text)
-                if state.prompt_text is not None and not state.exclude_input:
-                    text = state.prompt_text + text
-                response = self._response(state, state.token_ids, text, state.logprobs, out)
+            response = self._response(state, out)
         except Exception as e:  # a response that cannot be built ends the request, with an error
             log.exception("pagedllm: building a response for %s failed", out.request_id)
             self._fail(out, state, f"building a response failed: {e}")
@@ -233,11 +222,19 @@ class TritonPythonModel:
             self.metrics.itl.observe(now - last)
 
     @staticmethod
-    def _response(state: _RequestState, token_ids: list[int], text: str, logprobs: list[float],
-                  out: StepOutput):
+    def _response(state: _RequestState, out: StepOutput):
+        """Streaming: what this step added. Whole: the finished request's output, after the prompt's text
+        unless excluded (vllm_backend's behaviour)."""
+        if state.stream:
+            token_ids, text, logprobs = out.new_token_ids, out.new_text, out.new_logprobs
+        else:
+            request = out.request
+            token_ids, text, logprobs = request.output_token_ids, request.text, request.logprobs
+            if request.prompt_text is not None and not state.exclude_input:
+                text = request.prompt_text + text
         values = {
             "token_ids": np.asarray(token_ids, dtype=np.int64),
-            "logprobs": np.asarray(logprobs, dtype=np.float32),  # empty unless return_logprobs
+            "logprobs": np.asarray(logprobs or [], dtype=np.float32),  # empty unless return_logprobs
             "text_output": np.array([text.encode("utf-8")], dtype=np.object_),
             "finish_reason": np.array([(out.finish_reason or "").encode()], dtype=np.object_),
             "num_input_tokens": np.array([out.num_prompt_tokens], dtype=np.uint32),

@@ -9,7 +9,8 @@ import torch
 
 from hf_reference import embeds_fp16, hf_greedy
 from pagedllm.config import EngineConfig
-from pagedllm.engine.engine import InvalidRequest, LLMEngine
+from pagedllm.engine.engine import LLMEngine
+from pagedllm.errors import InvalidRequest
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.tiny_model import make_tiny_model
 

@@ -51,7 +51,7 @@ def test_only_the_checkpoints_own_weight_files_are_loaded(tiny_llama_dir, tmp_pa
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from pagedllm.model.checkpoint import load_weights
+    from pagedllm.model.weights import load_weights
 
     d = _copy_checkpoint(tiny_llama_dir, tmp_path / "ckpt")
     save_file({"tok_embeddings.weight": torch.zeros(8, 8), "norm.weight": torch.zeros(64)},
@@ -78,7 +78,7 @@ def test_weights_the_model_would_ignore_are_refused(tiny_llama_dir, tmp_path, na
     server came up and generated from a different model than the checkpoint's."""
     import torch
 
-    from pagedllm.model.checkpoint import CheckpointError
+    from pagedllm.errors import CheckpointError
 
     d = _copy_checkpoint(tiny_llama_dir, tmp_path / "ckpt")
     _add_tensors(d, {name: torch.ones(64)})
@@ -97,7 +97,7 @@ def test_rotary_inv_freq_buffers_are_still_accepted(tiny_llama_dir, tmp_path):
 def test_a_quantized_checkpoint_is_refused_by_name(tiny_llama_dir, tmp_path):
     import json
 
-    from pagedllm.model.checkpoint import CheckpointError, load_model_spec
+    from pagedllm.model.spec import CheckpointError, load_model_spec
 
     d = _copy_checkpoint(tiny_llama_dir, tmp_path / "ckpt")
     cfg = json.loads((d / "config.json").read_text())
@@ -121,7 +121,7 @@ def test_embeddings_that_overflow_the_model_dtype_are_refused(tiny_llama_dir):
     the request passed the NaN/Inf check, then produced NaN logits."""
     import torch
 
-    from pagedllm.engine.engine import InvalidRequest
+    from pagedllm.errors import InvalidRequest
 
     engine = LLMEngine(EngineConfig(model_dir=str(tiny_llama_dir), num_kv_blocks=8, dtype="float16"))
     embeds = torch.zeros(3, engine.spec.hidden_size)

@@ -66,6 +66,20 @@ def test_check_checkpoint(tiny_llama_dir, tmp_path):
     (tmp_path / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
     with pytest.raises(CheckpointError, match="no weights"):
         check_checkpoint(tmp_path)
+    # The engine loads safetensors only: a pytorch_model.bin checkpoint is refused before anything starts.
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no weights"):
+        check_checkpoint(tmp_path)
+
+
+def test_the_checkpoint_checks_and_the_embed_side_load_no_engine(tmp_path):
+    """The launcher and the embed model read checkpoints with the torch-free reader; the embedder loads no
+    kernels (nor triton)."""
+    code = ("import sys; import pagedllm.server, pagedllm.model.spec, pagedllm.tokenizer; "
+            "assert 'torch' not in sys.modules, 'torch'; import pagedllm.serving.embedder; "
+            "assert 'triton' not in sys.modules and 'pagedllm.engine.engine' not in sys.modules, 'engine'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(tmp_path))
+    assert r.returncode == 0, r.stderr
 
 
 # ---------------------------------------------------------------------------------- prepared runtime

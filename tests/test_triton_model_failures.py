@@ -360,7 +360,7 @@ def test_a_response_that_cannot_be_built_ends_the_request_with_an_error(model, m
 @pytest.mark.parametrize("key", ["temperature", "top_p", "repetition_penalty"])
 def test_a_float_given_as_a_huge_json_integer_is_an_invalid_argument(key):
     """float(10**400) raises OverflowError, which _to_float did not catch: INTERNAL instead of INVALID_ARG."""
-    from pagedllm.engine.engine import InvalidRequest
+    from pagedllm.errors import InvalidRequest
     from pagedllm.serving.request_parser import parse_request
 
     raw = '{"%s": 1%s}' % (key, "0" * 400)

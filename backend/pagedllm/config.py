@@ -9,12 +9,6 @@ import dataclasses
 from dataclasses import dataclass
 
 
-# The checkpoints pagedllm serves (config.json `model_type` -> HF architecture). Kept here, free of torch, so that
-# the launcher can check a checkpoint before it starts anything.
-SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-
-
 @dataclass
 class EngineConfig:
     model_dir: str = ""

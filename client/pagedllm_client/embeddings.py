@@ -2,65 +2,28 @@
 embedding matrix, read straight from the safetensors files (no model is built)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-
-EMBEDDING_KEYS = ("model.embed_tokens.weight", "embed_tokens.weight",
-                  "model.language_model.embed_tokens.weight", "language_model.model.embed_tokens.weight")
+from pagedllm.model.spec import find_tensor
 
 
 def tokenize(model_dir, text: str, chat: bool = False) -> list[int]:
     """Token ids of `text` with the checkpoint's tokenizer; with chat=True, of a one-message user turn in the
     checkpoint's chat template, ready for the assistant's answer."""
-    from transformers import AutoTokenizer
+    from pagedllm.tokenizer import load_tokenizer, prompt_token_ids
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    if chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                      tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
-    return [int(i) for i in tok(text)["input_ids"]]
-
-
-def _weight_files(model_dir: Path) -> dict[str, Path]:
-    """tensor name -> file, from the shard index when there is one."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {k: model_dir / v for k, v in weight_map.items()}
-    from safetensors import safe_open
-
-    names = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(f), "np") as st:
-            names.update({k: f for k in st.keys()})
-    return names
-
-
-def find_embedding(model_dir) -> tuple[Path, str]:
-    """(file, tensor name) of the token embedding matrix."""
-    model_dir = Path(model_dir)
-    names = _weight_files(model_dir)
-    if not names:
-        raise FileNotFoundError(f"{model_dir} has no *.safetensors weights")
-    for key in EMBEDDING_KEYS:
-        if key in names:
-            return names[key], key
-    found = sorted(k for k in names if k.endswith("embed_tokens.weight"))
-    if found:
-        return names[found[0]], found[0]
-    raise KeyError(f"no token embedding matrix in {model_dir} (looked for {', '.join(EMBEDDING_KEYS)})")
+    tok = load_tokenizer(model_dir)
+    if tok is None:
+        raise FileNotFoundError(f"{model_dir} has no tokenizer")
+    return prompt_token_ids(tok, text, chat)
 
 
 def embedding_rows(model_dir, ids: list[int]) -> np.ndarray:
     """The embedding matrix's rows for `ids`, as float32 [len(ids), hidden_size]. Only those rows are read."""
     from safetensors import safe_open
 
-    path, key = find_embedding(model_dir)
+    path, key = find_tensor(model_dir)  # the token embedding matrix
     try:
         import torch  # noqa: F401  (bf16 checkpoints need torch: numpy has no bfloat16)
         framework = "pt"

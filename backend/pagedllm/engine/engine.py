@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import logging
 import random
-from pathlib import Path
 
 import torch
 
 from ..config import EngineConfig
 from ..kernels import get_ops
-from ..model.checkpoint import load_model_spec, load_weights
+from ..errors import InvalidRequest
+from ..model.spec import load_model_spec
+from ..model.weights import load_weights
 from ..model.llama import LlamaForCausalLM
 from ..sampling_params import SamplingParams
+from ..tokenizer import load_tokenizer, text_token_ids
 from .block_manager import BlockManager, embeds_digests
 from .model_runner import ModelRunner
 from .request import Request, StepOutput
@@ -25,10 +27,6 @@ from .sequence import Sequence
 log = logging.getLogger("pagedllm")
 
 CPU_DEFAULT_KV_TOKENS = 16384
-
-
-class InvalidRequest(ValueError):
-    """A request the engine refuses. The message starts with the offending input's name."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,15 +51,6 @@ def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None 
     if name not in dtypes:
         raise ValueError(f"dtype must be one of auto, {', '.join(dtypes)}; got {name!r}")
     return dtypes[name]
-
-
-def load_tokenizer(model_dir: str):
-    d = Path(model_dir)
-    if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def _check_config(config: EngineConfig) -> None:
@@ -136,7 +125,7 @@ class LLMEngine:
     def tokenize(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise InvalidRequest("text_input: this checkpoint has no tokenizer; send input_ids or prompt_embeds")
-        return list(self.tokenizer(text)["input_ids"])
+        return text_token_ids(self.tokenizer, text)
 
     def make_request(self, request_id: str, params: SamplingParams, prompt_token_ids=None,
                      prompt_embeds: torch.Tensor | None = None, prompt_name: str = "",

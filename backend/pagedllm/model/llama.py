@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, ModelSpec, rope_cos_sin
+from ..errors import CheckpointError
+from .rope import rope_cos_sin
+from .spec import ModelSpec
 from .metadata import AttentionMetadata
 
 

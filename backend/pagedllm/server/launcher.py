@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import json
 import os
 import re
 import secrets
@@ -32,11 +31,10 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 
-from pagedllm.config import SUPPORTED_ARCHITECTURES as SUPPORTED
 from pagedllm.config import EngineConfig
+from pagedllm.errors import CheckpointError  # noqa: F401  (re-exported: what check_checkpoint raises)
+from pagedllm.model.spec import check_checkpoint
 
-SUPPORTED_MODEL_TYPES = set(SUPPORTED)
-SUPPORTED_ARCHITECTURES = set(SUPPORTED.values())
 _STUB = "triton_python_backend_stub"
 _ERROR_LINE = re.compile(rb"E\d{4} |error: ")  # glog error lines and "error: creating server"
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../pagedllm (not pagedllm.__file__: None in some installs)
@@ -46,40 +44,8 @@ class LauncherError(RuntimeError):
     """The server cannot be set up (no tritonserver, no libpython, port taken, ...)."""
 
 
-class CheckpointError(LauncherError):
-    """The model directory is not a checkpoint we can serve."""
-
-
 class ServerError(RuntimeError):
     """tritonserver exited or did not become ready; the message ends with the last lines of its log."""
-
-
-# ---------------------------------------------------------------------------------------------- checkpoint
-def check_checkpoint(model_dir) -> Path:
-    """Return the absolute checkpoint path, or raise CheckpointError with a one-line reason."""
-    path = Path(model_dir).expanduser().absolute()
-    if not path.is_dir():
-        raise CheckpointError(f"model directory not found: {path}")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path} has no config.json (not a Hugging Face checkpoint)")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
-    model_type = config.get("model_type")
-    architectures = config.get("architectures") or []
-    if model_type not in SUPPORTED_MODEL_TYPES or (
-        architectures and not SUPPORTED_ARCHITECTURES.intersection(architectures)
-    ):
-        found = ", ".join(architectures) or "none"
-        raise CheckpointError(
-            f"unsupported model in {path}: model_type={model_type!r}, architectures={found}; "
-            f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-        )
-    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
-        raise CheckpointError(f"{path} has no weights (*.safetensors)")
-    return path
 
 
 # --------------------------------------------------------------------------------------------- locations

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..engine.engine import InvalidRequest
+from ..errors import InvalidRequest
 from .embedder import Embedder
 
 

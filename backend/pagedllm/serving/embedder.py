@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..engine.engine import InvalidRequest, load_tokenizer
-from ..model.checkpoint import EMBEDDING_NAMES, load_tensor
+from ..errors import InvalidRequest
+from ..model.weights import load_tensor
+from ..tokenizer import load_tokenizer, prompt_token_ids
 
 
 def load_soft_prompt(path: str | Path, hidden_size: int) -> torch.Tensor:
@@ -27,7 +28,7 @@ def load_soft_prompt(path: str | Path, hidden_size: int) -> torch.Tensor:
 
 class Embedder:
     def __init__(self, model_dir: str, soft_prompt: str | None = None, dtype=torch.float16):
-        self.weight = load_tensor(model_dir, EMBEDDING_NAMES).to(dtype)
+        self.weight = load_tensor(model_dir).to(dtype)
         self.tokenizer = load_tokenizer(model_dir)
         self.soft_prompt = load_soft_prompt(soft_prompt, self.hidden_size).to(dtype) if soft_prompt else None
 
@@ -42,13 +43,7 @@ class Embedder:
     def token_ids(self, text: str, chat: bool) -> list[int]:
         if self.tokenizer is None:
             raise InvalidRequest("text_input: this checkpoint has no tokenizer; send input_ids")
-        if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise InvalidRequest("apply_chat_template: this checkpoint's tokenizer has no chat template")
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                     add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        return list(self.tokenizer(text)["input_ids"])
+        return prompt_token_ids(self.tokenizer, text, chat)
 
     def embed(self, ids: list[int]) -> torch.Tensor:
         """[len(ids) (+ soft prompt rows), hidden_size] in the embedder's dtype."""

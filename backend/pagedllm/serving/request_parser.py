@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..engine.engine import InvalidRequest
+from ..errors import InvalidRequest
 from ..sampling_params import SamplingParams
 
 PROMPT_INPUTS = ("input_ids", "prompt_embeds", "prompt_embeds_fp32", "prompt_embeds_base64", "text_input")

@@ -19,7 +19,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..config import EngineConfig
-from ..engine.engine import InvalidRequest, LLMEngine
+from ..engine.engine import LLMEngine
+from ..errors import InvalidRequest
 from ..engine.request import StepOutput
 from .engine_thread import EngineThread
 from .request_parser import parse_request

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pagedllm.config import EngineConfig
-from pagedllm.server.launcher import LauncherError, TritonServer
+from pagedllm.server import LauncherError, TritonServer
 
 # Small KV cache by default: 0 would size it from 90% of a GPU's memory, slow and unfriendly to other tests.
 TEST_ENGINE_DEFAULTS = {"num_kv_blocks": 256, "max_num_seqs": 16}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import queue
-import re
 import subprocess
 import sys
 import textwrap
@@ -15,21 +14,17 @@ import pytest
 import requests
 
 from pagedllm.config import EngineConfig
-from pagedllm.server.launcher import (
-    CheckpointError,
-    ServerError,
-    TritonServer,
-    check_checkpoint,
-    project_model_repository,
-    rewrite_parameters,
-)
+from pagedllm.server import CheckpointError, ServerError, TritonServer, check_checkpoint, project_model_repository
+from pagedllm.server.repository import set_parameters
 from server_utils import cli_env
-
-PARAM = re.compile(r'key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"((?:[^"\\]|\\.)*)"')
 
 
 def pbtxt_parameters(text: str) -> dict[str, str]:
-    return {k: v.replace('\\"', '"').replace("\\\\", "\\") for k, v in PARAM.findall(text)}
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    return {k: v.string_value for k, v in config.parameters.items()}
 
 
 def serve_cli(tmp_path, *args):
@@ -105,9 +100,19 @@ def test_prepared_repository_and_backend(tiny_llama_dir, tmp_path, monkeypatch):
     assert str(Path(__file__).resolve().parents[1] / "backend") in server.env["PYTHONPATH"].split(":")
 
 
-def test_rewrite_parameters_escapes_and_appends():
+def test_prepare_leaves_the_callers_config_as_it_was(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_llama_dir.parent)
+    cfg = EngineConfig(model_dir=tiny_llama_dir.name, device="cpu")
+    server = TritonServer(cfg, runtime_dir=tmp_path / "run")
+    server.prepare()
+    assert cfg == EngineConfig(model_dir=tiny_llama_dir.name, device="cpu")
+    params = pbtxt_parameters((server.model_repository / "llm" / "config.pbtxt").read_text())
+    assert params["model_dir"] == str(tiny_llama_dir)
+
+
+def test_set_parameters_escapes_and_appends():
     text = 'parameters [ { key: "model_dir" value: { string_value: "" } }, { key: "b" value: { string_value: "1" } } ]'
-    out = rewrite_parameters(text, {"model_dir": '/a "b"\\c', "new": "x"})
+    out = set_parameters(text, {"model_dir": '/a "b"\\c', "new": "x"})
     assert pbtxt_parameters(out) == {"model_dir": '/a "b"\\c', "b": "1", "new": "x"}
 
 

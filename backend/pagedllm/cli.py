@@ -20,7 +20,7 @@ _DEFAULT_TINY_VERSION = "1"  # bump when DEFAULT_TINY changes, so old caches are
 
 def default_model_dir() -> Path:
     """The default tiny checkpoint, built on first use (in a temp folder, renamed when complete)."""
-    from pagedllm.server.launcher import cache_root
+    from pagedllm.server import cache_root
 
     path = cache_root() / "default-tiny-llama"
     stamp = path / ".pagedllm-tiny-version"
@@ -85,7 +85,7 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def serve(args) -> int:
-    from pagedllm.server.launcher import CheckpointError, LauncherError, ServerError, TritonServer, check_checkpoint
+    from pagedllm.server import CheckpointError, LauncherError, ServerError, TritonServer, check_checkpoint
 
     try:
         model_dir = check_checkpoint(args.model) if args.model else default_model_dir()

@@ -1,28 +1,18 @@
-"""Start tritonserver with the Python backend on the project's model repository.
-
-Two installations are supported:
-- the NGC image: `tritonserver` on PATH, backends in /opt/tritonserver/backends (the stub there matches the
-  image's Python);
-- the `nvidia-pytriton` wheel (`pip install '.[server]'`): it ships tritonserver 2.51, the python backend and one
-  stub per Python minor. The stub must sit beside libtriton_python.so, so we build a backend directory per run.
-
-Each run gets a runtime directory with that backend directory, a copy of the model repository whose
-config.pbtxt parameters come from an EngineConfig, and the server log.
+"""One tritonserver process for pagedllm: a runtime directory (backend directory, model repository copy with
+the engine's settings, the server log), the command line, start, readiness, and an orderly stop.
 """
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import dataclasses
 import os
 import re
 import secrets
 import shutil
 import signal
-import site
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -32,157 +22,16 @@ from collections import deque
 from pathlib import Path
 
 from pagedllm.config import EngineConfig
-from pagedllm.errors import CheckpointError  # noqa: F401  (re-exported: what check_checkpoint raises)
 from pagedllm.model.spec import check_checkpoint
 
-_STUB = "triton_python_backend_stub"
+from .locate import LauncherError, cache_root, prepare_backend_directory, project_model_repository, server_environment
+from .repository import prepare_model_repository
+
 _ERROR_LINE = re.compile(rb"E\d{4} |error: ")  # glog error lines and "error: creating server"
-_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../pagedllm (not pagedllm.__file__: None in some installs)
-
-
-class LauncherError(RuntimeError):
-    """The server cannot be set up (no tritonserver, no libpython, port taken, ...)."""
 
 
 class ServerError(RuntimeError):
     """tritonserver exited or did not become ready; the message ends with the last lines of its log."""
-
-
-# --------------------------------------------------------------------------------------------- locations
-def cache_root() -> Path:
-    return Path(os.environ.get("PAGEDLLM_CACHE") or "~/.cache/pagedllm").expanduser()
-
-
-def project_model_repository() -> Path:
-    """The repository shipped with the project: $PAGEDLLM_MODEL_REPOSITORY, else next to a source checkout."""
-    env = os.environ.get("PAGEDLLM_MODEL_REPOSITORY")
-    if env:
-        if not Path(env).is_dir():
-            raise LauncherError(f"PAGEDLLM_MODEL_REPOSITORY={env} is not a directory")
-        return Path(env)
-    checkout = _PACKAGE_DIR.parents[1] / "model_repository"  # repo/backend/pagedllm -> repo/model_repository
-    if (checkout / "llm" / "config.pbtxt").is_file():
-        return checkout
-    raise LauncherError(f"model repository not found (looked in {checkout}); set PAGEDLLM_MODEL_REPOSITORY")
-
-
-def _wheel_root() -> Path | None:
-    try:
-        import pytriton
-    except ImportError:
-        return None
-    root = Path(pytriton.__file__).resolve().parent / "tritonserver"
-    return root if (root / "bin" / "tritonserver").is_file() else None
-
-
-def find_tritonserver() -> tuple[Path, Path | None, Path | None]:
-    """(binary, ready-made backend directory or None, extra library directory or None).
-
-    $PAGEDLLM_TRITONSERVER, then PATH (an NGC image), then the nvidia-pytriton wheel.
-    """
-    explicit = os.environ.get("PAGEDLLM_TRITONSERVER") or shutil.which("tritonserver")
-    if explicit:
-        binary = Path(explicit).resolve()
-        for backends in (binary.parent.parent / "backends", Path("/opt/tritonserver/backends")):
-            if (backends / "python" / _STUB).is_file():
-                return binary, backends, None
-        raise LauncherError(f"{binary}: no python backend with its stub next to it (looked in ../backends)")
-    root = _wheel_root()
-    if root is None:
-        raise LauncherError("tritonserver not found: use the NGC image or `pip install 'pagedllm[server]'`")
-    libs = root.parent.parent / "nvidia_pytriton.libs"  # auditwheel's folder beside the package
-    return root / "bin" / "tritonserver", None, libs if libs.is_dir() else None
-
-
-def _libpython_dir() -> Path | None:
-    """Where the stub finds libpython3.X.so.1.0: this interpreter's own, else the system's (None = system)."""
-    name = sysconfig.get_config_var("INSTSONAME") or f"libpython{sys.version_info[0]}.{sys.version_info[1]}.so.1.0"
-    libdir = Path(sysconfig.get_config_var("LIBDIR") or "/nonexistent")
-    if (libdir / name).is_file():
-        return libdir  # same build as this venv: stdlib and extension modules agree exactly
-    if ctypes.util.find_library(f"python{sys.version_info[0]}.{sys.version_info[1]}"):
-        return None
-    raise LauncherError(
-        f"the Python backend stub needs {name}, which this Python lacks: install the shared library "
-        f"(Debian/Ubuntu: apt-get install libpython{sys.version_info[0]}.{sys.version_info[1]})"
-    )
-
-
-def prepare_backend_directory(runtime_dir: Path) -> tuple[Path, Path, list[Path]]:
-    """(tritonserver binary, backend directory, library directories for LD_LIBRARY_PATH)."""
-    binary, backends, libs = find_tritonserver()
-    if backends is not None:
-        return binary, backends, []
-    root = binary.parent.parent
-    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    stub = root / "python_backend_stubs" / version / _STUB
-    if not stub.is_file():
-        raise LauncherError(f"nvidia-pytriton has no Python backend stub for Python {version}")
-    backends = runtime_dir / "backends"
-    python_dir = backends / "python"
-    python_dir.mkdir(parents=True, exist_ok=True)
-    for f in ("libtriton_python.so", "triton_python_backend_utils.py"):
-        shutil.copy2(root / "backends" / "python" / f, python_dir / f)
-    # A copy, not a link: the backend looks for the stub beside libtriton_python.so. Its RPATH ($ORIGIN/...)
-    # no longer resolves from here, so LD_LIBRARY_PATH carries nvidia_pytriton.libs instead.
-    shutil.copy2(stub, python_dir / _STUB)
-    lib_dirs = [d for d in (_libpython_dir(), libs) if d is not None]
-    return binary, backends, lib_dirs
-
-
-# ------------------------------------------------------------------------------------- model repository
-def _pbtxt_string(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def rewrite_parameters(text: str, values: dict[str, str]) -> str:
-    """Set `parameters` string values in config.pbtxt text; keys it does not declare are appended."""
-    for key, value in values.items():
-        pattern = re.compile(
-            r'(key\s*:\s*"' + re.escape(key) + r'"\s*,?\s*value\s*:?\s*\{\s*string_value\s*:\s*)"(?:[^"\\]|\\.)*"'
-        )
-        text, n = pattern.subn(lambda m: m.group(1) + _pbtxt_string(value), text)
-        if n == 0:  # protobuf text format accepts a map entry given on its own after a list
-            text += f'\nparameters {{ key: "{key}" value: {{ string_value: {_pbtxt_string(value)} }} }}\n'
-    return text
-
-
-def prepare_model_repository(source: Path, dest: Path, parameters: dict[str, str]) -> Path:
-    """Copy every model folder of `source` to `dest`; every config.pbtxt that declares a `model_dir` parameter
-    gets `parameters` (the engine's settings) written in."""
-    shutil.rmtree(dest, ignore_errors=True)  # a runtime directory used again starts clean
-    dest.mkdir(parents=True)
-    for model in sorted(p for p in Path(source).iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if dest.resolve().is_relative_to(model.resolve()):
-            continue  # the runtime directory itself sits inside the source repository
-        target = dest / model.name
-        shutil.copytree(model, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        config = target / "config.pbtxt"
-        if config.is_file():
-            text = config.read_text()
-            if re.search(r'key\s*:\s*"model_dir"', text):
-                config.write_text(rewrite_parameters(text, parameters))
-    return dest
-
-
-def server_environment(lib_dirs: list[Path]) -> dict[str, str]:
-    """The server's environment; the stub inherits it. PAGEDLLM_* and everything else pass through."""
-    env = dict(os.environ)
-
-    def prepend(var: str, paths) -> None:
-        parts = [str(p) for p in paths] + [p for p in env.get(var, "").split(os.pathsep) if p]
-        env[var] = os.pathsep.join(dict.fromkeys(parts))  # keep order, drop duplicates
-
-    # The stub embeds libpython, whose sys.prefix is not this venv: give it this interpreter's site-packages
-    # and the directory holding `pagedllm` (a source checkout works without installing).
-    site_dirs = [p for p in site.getsitepackages() if Path(p).is_dir()]
-    prepend("PYTHONPATH", [_PACKAGE_DIR.parent, *site_dirs])
-    prepend("LD_LIBRARY_PATH", lib_dirs)
-    # With the venv's bin/ first on PATH the embedded interpreter finds `python3` there and its pyvenv.cfg,
-    # so sys.prefix becomes the venv and its .pth files (editable installs) are processed too.
-    prepend("PATH", [Path(sys.executable).parent])
-    env["PYTHONUNBUFFERED"] = "1"  # model.py's prints reach the log as they happen
-    return env
 
 
 def _prune_stale_runs(root: Path) -> None:
@@ -215,7 +64,6 @@ def _die_with_parent() -> None:
         pass
 
 
-# ------------------------------------------------------------------------------------------------ server
 class TritonServer:
     """One tritonserver process. `with TritonServer(cfg) as s:` starts it and waits until it is ready.
 
@@ -263,15 +111,18 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
+    def _absolute_model_dir(self) -> str:
+        model_dir = self.engine_config.model_dir
+        if self.check_model:
+            return str(check_checkpoint(model_dir))
+        return str(Path(model_dir).expanduser().absolute()) if model_dir else ""
+
     def prepare(self) -> list[str]:
         """Build the runtime directory and the command line (no process yet); return the command."""
         if self.command:
             return self.command
-        cfg = self.engine_config
-        if self.check_model:
-            cfg.model_dir = str(check_checkpoint(cfg.model_dir))
-        elif cfg.model_dir:
-            cfg.model_dir = str(Path(cfg.model_dir).expanduser().absolute())
+        # A copy with the checkpoint's absolute path: the caller's config stays as it was.
+        cfg = dataclasses.replace(self.engine_config, model_dir=self._absolute_model_dir())
         if self.runtime_dir is None:
             root = cache_root()
             root.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,8 @@
 - `start_server` (function): `with start_server(model_dir, **engine_overrides) as srv:`; see server_utils.
 - `llm_server` (session): the project's `llm` model serving `tiny_llama_dir`; a RunningServer
   (grpc_url, http_url, http_address, metrics_url, ports, config, log_tail()).
+Helpers beside it: engine_utils (make_engine, run_to_completion), server_utils (start_server, free ports),
+triton_helpers (tritonclient streams, HTTP generate, metrics), hf_reference (transformers' greedy output).
 """
 from __future__ import annotations
 

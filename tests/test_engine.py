@@ -2,19 +2,16 @@
 for prompt_embeds, across block boundaries, batching, chunked prefill and preemption; blocks always return."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from engine_utils import BLOCK, make_engine, run_to_completion, token_ids
 from hf_reference import embeds_fp16, hf_greedy
-from pagedllm.config import EngineConfig
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.errors import InvalidRequest
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.tiny_model import make_tiny_model
 
-BLOCK = 16
 PROMPT_LENGTHS = (1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5)
 MAX_TOKENS = 24  # decoding crosses at least one block boundary for every prompt
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
@@ -36,21 +33,8 @@ def run_all(engine: LLMEngine, requests: dict[str, dict]) -> dict[str, list[int]
     """Add every request, step until all finish, return each one's tokens."""
     for rid, kw in requests.items():
         engine.add(engine.make_request(rid, kw.pop("params", GREEDY), **kw))
-    tokens: dict[str, list[int]] = {rid: [] for rid in requests}
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens[out.request_id] += out.new_token_ids
-    assert engine.num_free_blocks == engine.block_manager.num_blocks, "KV blocks leaked"
-    return tokens
-
-
-# CPU by default; bench/gpu_check.sh runs this file with PAGEDLLM_TEST_DEVICE=cuda (fp32, Triton kernels).
-DEVICE = os.environ.get("PAGEDLLM_TEST_DEVICE", "cpu")
-
-
-def make_engine(model_dir: str, **overrides) -> LLMEngine:
-    settings = {"block_size": BLOCK, "num_kv_blocks": 64, "device": DEVICE, "dtype": "float32", **overrides}
-    return LLMEngine(EngineConfig(model_dir=model_dir, **settings))
+    outputs = run_to_completion(engine)
+    return {rid: token_ids(outputs.get(rid, [])) for rid in requests}
 
 
 def test_batch_of_ids_and_embeds_matches_transformers(checkpoint):

@@ -6,33 +6,26 @@ import pytest
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.engine import LLMEngine
+from engine_utils import make_engine, run_to_completion, token_ids
 from pagedllm.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
-    return LLMEngine(EngineConfig(model_dir=str(tiny_llama_dir), num_kv_blocks=32))
+    return make_engine(tiny_llama_dir, num_kv_blocks=32)
 
 
 def run(engine, params, prompt=(5, 6, 7, 8), rid="r"):
     engine.add(engine.make_request(rid, params, prompt_token_ids=list(prompt)))
-    outs = []
-    while engine.has_unfinished():
-        outs += [o for o in engine.step() if o.request_id == rid]
-    assert engine.num_free_blocks == engine.block_manager.num_blocks
-    return outs
-
-
-def tokens(outs):
-    return [t for o in outs for t in o.new_token_ids]
+    return run_to_completion(engine)[rid]
 
 
 @pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-7])
 def test_a_tiny_positive_temperature_is_greedy(engine, temperature):
     """logits / 1e-40 overflow float32: the softmax of top-k/top-p turned to NaN, every token was masked and the
     row returned token 0 each step."""
-    greedy = tokens(run(engine, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)))
-    tiny = tokens(run(engine, SamplingParams(max_tokens=6, temperature=temperature, ignore_eos=True, seed=1)))
+    greedy = token_ids(run(engine, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)))
+    tiny = token_ids(run(engine, SamplingParams(max_tokens=6, temperature=temperature, ignore_eos=True, seed=1)))
     assert tiny == greedy
 
 

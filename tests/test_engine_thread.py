@@ -6,8 +6,7 @@ import queue
 
 import pytest
 
-from pagedllm.config import EngineConfig
-from pagedllm.engine.engine import LLMEngine
+from engine_utils import make_engine
 from pagedllm.engine.request import Request
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.serving.engine_thread import EngineThread
@@ -17,7 +16,7 @@ GREEDY = SamplingParams(max_tokens=4, temperature=0)
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
-    return LLMEngine(EngineConfig(model_dir=str(tiny_llama_dir), num_kv_blocks=32))
+    return make_engine(tiny_llama_dir, num_kv_blocks=32)
 
 
 def collect(events: queue.Queue, n_finished: int) -> tuple[dict, dict]:

@@ -2,18 +2,16 @@
 transformers' greedy tokens — for input_ids and prompt_embeds, across preemption and eviction."""
 from __future__ import annotations
 
-import os
 from collections import Counter
 
 import pytest
 import torch
 
+from engine_utils import BLOCK, make_engine, run_to_completion, token_ids
 from hf_reference import embeds_fp16, hf_greedy
-from pagedllm.config import EngineConfig
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.sampling_params import SamplingParams
 
-BLOCK = 16
 MAX_TOKENS = 12
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
 
@@ -29,14 +27,6 @@ PREFIX = tokens(3 * BLOCK, seed=100)  # three full blocks, e.g. a system prompt
 def model(tiny_llama_dir) -> str:
     return str(tiny_llama_dir)
 
-
-# CPU by default; bench/gpu_check.sh runs this file with PAGEDLLM_TEST_DEVICE=cuda (fp32, Triton kernels).
-DEVICE = os.environ.get("PAGEDLLM_TEST_DEVICE", "cpu")
-
-
-def make_engine(model_dir: str, **overrides) -> LLMEngine:
-    settings = {"block_size": BLOCK, "num_kv_blocks": 64, "device": DEVICE, "dtype": "float32", **overrides}
-    return LLMEngine(EngineConfig(model_dir=model_dir, **settings))
 
 
 def record_chunks(engine: LLMEngine) -> list[tuple[str, int, int]]:
@@ -68,11 +58,8 @@ def add(engine: LLMEngine, rid: str, params: SamplingParams = GREEDY, **prompt) 
 
 def finish_all(engine: LLMEngine, got: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
     got = {} if got is None else got
-    while engine.has_unfinished():
-        for out in engine.step():
-            got.setdefault(out.request_id, []).extend(out.new_token_ids)
-        check_blocks(engine)
-    assert engine.num_free_blocks == engine.block_manager.num_blocks, "KV blocks leaked"
+    for rid, outs in run_to_completion(engine, after_step=lambda: check_blocks(engine)).items():
+        got.setdefault(rid, []).extend(token_ids(outs))
     return got
 
 

@@ -1,5 +1,6 @@
 # make setup: .venv with pagedllm installed (editable) plus the local tritonserver, test and bench extras.
 # make serve: the server on the default tiny checkpoint (or ARGS="--model DIR ...").  make test: the test suite.
+# make lint: ruff (what CI runs before the tests).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ TORCH_INDEX ?=
 CPU_PINS ?= torch==2.13.0 triton==3.6.0
 ARGS ?=
 
-.PHONY: setup serve test clean-venv
+.PHONY: setup serve lint test clean-venv
 
 setup: $(STAMP)
 
@@ -26,6 +27,9 @@ $(STAMP): pyproject.toml
 
 serve: setup
 	$(BIN)/pagedllm serve $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check backend client tests bench examples
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -16,7 +16,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16  (auto: bf16/fp16 on CUDA, fp32 on CPU)
     kernels: str = "auto"  # auto | triton | torch  (auto: triton on CUDA, torch on CPU)
     block_size: int = 16  # tokens per KV block, a power of two >= 16
-    num_kv_blocks: int = 0  # 0: size the cache from kv_cache_memory_fraction (CUDA) or 4096 tokens' worth (CPU)
+    num_kv_blocks: int = 0  # 0: from kv_cache_memory_fraction (CUDA), or engine.CPU_DEFAULT_KV_TOKENS' worth (CPU)
     kv_cache_memory_fraction: float = 0.9  # of the GPU memory left after the weights
     max_num_seqs: int = 64  # sequences decoded together at most
     max_model_len: int = 0  # 0: the checkpoint's max_position_embeddings

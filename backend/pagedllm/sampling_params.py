@@ -5,13 +5,15 @@ from dataclasses import dataclass, field
 
 MAX_TOP_K = 1 << 20
 MAX_STOP_STRINGS = 32
+MAX_STOP_TOKEN_IDS = 1024
 MAX_STOP_STRING_CHARS = 512
 MAX_SEED = (1 << 64) - 1
 
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: until the model length (vLLM's OpenAI default); it ends there anyway
+    min_tokens: int = 0  # EOS and stop tokens cannot be sampled, nor stop strings end it, before this many
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0  # 1 = off
     top_k: int = 0  # 0 or -1 = off
@@ -34,10 +36,15 @@ class SamplingParams:
         def bad(name, msg):
             raise ValueError(f"{name}: {msg}")
 
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        if self.max_tokens > max_model_len:  # within it, generation ends at the model length ("length")
-            bad("max_tokens", f"{self.max_tokens} is more than the model length ({max_model_len})")
+        if self.max_tokens is not None:
+            if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+                bad("max_tokens", f"must be an integer >= 1 (or -1: up to the model length), got {self.max_tokens!r}")
+            if self.max_tokens > max_model_len:  # within it, generation ends at the model length ("length")
+                bad("max_tokens", f"{self.max_tokens} is more than the model length ({max_model_len})")
+        most = max_model_len if self.max_tokens is None else self.max_tokens
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) \
+                or not 0 <= self.min_tokens <= most:
+            bad("min_tokens", f"must be an integer in [0, max_tokens={most}], got {self.min_tokens!r}")
         if not _finite(self.temperature) or self.temperature < 0 or self.temperature > 100:
             bad("temperature", f"must be in [0, 100], got {self.temperature!r}")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
@@ -47,6 +54,8 @@ class SamplingParams:
             bad("top_k", f"must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED):
             bad("seed", f"must be an integer in [0, 2^64), got {self.seed!r}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            bad("stop_token_ids", f"{len(self.stop_token_ids)} ids is more than the limit of {MAX_STOP_TOKEN_IDS}")
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
                 bad("stop_token_ids", f"{t!r} is outside the vocabulary [0, {vocab_size})")

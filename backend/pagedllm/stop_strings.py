@@ -15,9 +15,13 @@ class StopStringFilter:
         self.text = ""  # all generated text so far
         self.sent = 0  # characters of it already passed on
 
-    def feed(self, piece: str, finished: bool) -> tuple[str, bool]:
-        """Returns (text to send now, whether a stop string was found). After a hit, feed no more."""
+    def feed(self, piece: str, finished: bool, search: bool = True) -> tuple[str, bool]:
+        """Returns (text to send now, whether a stop string was found). After a hit, feed no more.
+        search=False (before min_tokens) passes the piece on without looking for stop strings."""
         self.text += piece
+        if not search:
+            out, self.sent = self.text[self.sent:], len(self.text)
+            return out, False
         # A new match must end inside the new piece: search from where it could start.
         start = max(0, len(self.text) - len(piece) - self.hold)
         hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) != -1]

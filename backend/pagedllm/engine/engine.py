@@ -168,6 +168,9 @@ class LLMEngine:
             raise InvalidRequest("stop: stop strings need the checkpoint's tokenizer (use stop_token_ids)")
         seed = params.seed if params.seed is not None else random.getrandbits(64)
         seq = Sequence(request_id, token_ids, n, params, seed, prompt_embeds)
+        if params.min_tokens:
+            eos = frozenset() if params.ignore_eos else self.eos_token_ids
+            seq.stop_ids_before_min_tokens = sorted(eos | set(params.stop_token_ids))
         if prompt_embeds is not None:
             seq.embeds_digests = digests
         return Request(seq, self.tokenizer, self.eos_token_ids, self.max_model_len, prompt_text)

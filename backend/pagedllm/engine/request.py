@@ -93,11 +93,17 @@ class Request:
         self.seq.finish_reason = "abort"
         return StepOutput(self, [], "", None, finished=True)
 
+    @property
+    def _may_stop(self) -> bool:
+        """min_tokens: before that many tokens, neither EOS, a stop token nor a stop string ends it."""
+        return self.seq.num_output_tokens >= self.seq.params.min_tokens
+
     def _stop_reason(self, token: int) -> str | None:
         seq = self.seq
-        if token in self._eos or token in self._stop_ids:
+        if self._may_stop and (token in self._eos or token in self._stop_ids):
             return "stop"
-        if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self._max_model_len:
+        max_tokens = seq.params.max_tokens
+        if (max_tokens is not None and seq.num_output_tokens >= max_tokens) or seq.num_tokens >= self._max_model_len:
             return "length"
         return None
 
@@ -108,4 +114,4 @@ class Request:
         piece = self._detokenizer.add([token], finished)
         if self._stop_strings is None:
             return piece, False
-        return self._stop_strings.feed(piece, finished)
+        return self._stop_strings.feed(piece, finished, search=self._may_stop)

@@ -29,6 +29,7 @@ class Sampler:
         penalized = [b for b, s in enumerate(seqs) if s.params.has_penalties]
         if penalized:  # opt-in, so the common batch pays nothing for it
             apply_penalties(logits, [seqs[b] for b in penalized], torch.tensor(penalized, device=logits.device))
+        self._ban_stop_tokens_before_min_tokens(logits, seqs)
         if all(_temperature(s.params.temperature) == 0 for s in seqs):
             return logits.argmax(dim=-1)  # the common greedy batch needs no kernel at all
         params = [s.params for s in seqs]
@@ -38,6 +39,19 @@ class Sampler:
         floats, ints = floats.to(self.device, non_blocking=True), ints.to(self.device, non_blocking=True)
         return self.ops.sample(logits, floats[:, 0].contiguous(), ints[:, 0].to(torch.int32),
                                floats[:, 1].contiguous(), ints[:, 1].contiguous(), ints[:, 2].contiguous())
+
+
+    def _ban_stop_tokens_before_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """min_tokens (vLLM's semantics): until a request has that many tokens, EOS (unless ignored) and its stop
+        token ids cannot be sampled."""
+        rows, cols = [], []
+        for b, s in enumerate(seqs):
+            if s.num_output_tokens < s.params.min_tokens:
+                rows += [b] * len(s.stop_ids_before_min_tokens)
+                cols += s.stop_ids_before_min_tokens
+        if rows:
+            index = torch.tensor([rows, cols], dtype=torch.int64).to(logits.device, non_blocking=True)
+            logits[index[0], index[1]] = float("-inf")
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: torch.Tensor) -> None:

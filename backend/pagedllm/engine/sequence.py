@@ -34,6 +34,7 @@ class Sequence:
     embeds_digests: list[bytes] | None = None
     num_cached_blocks: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_ids_before_min_tokens: list[int] = field(default_factory=list)  # the sampler bans these until min_tokens
     arrival_time: float = field(default_factory=time.monotonic)
 
     @property

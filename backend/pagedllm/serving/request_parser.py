@@ -20,12 +20,20 @@ from ..sampling_params import SamplingParams
 
 PROMPT_INPUTS = ("input_ids", "prompt_embeds", "prompt_embeds_fp32", "prompt_embeds_base64", "text_input")
 # Sampling keys accepted as input tensors, inside `sampling_parameters` JSON, or as request parameters.
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos", "stop",
-                 "include_stop_str_in_output", "repetition_penalty", "presence_penalty", "frequency_penalty",
-                 "return_logprobs")
+SAMPLING_KEYS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids",
+                 "ignore_eos", "stop", "include_stop_str_in_output", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "return_logprobs")
 FLAG_KEYS = ("stream", "exclude_input_in_output", "return_finish_reason", "return_num_input_tokens",
              "return_num_output_tokens")
 MAX_SAMPLING_JSON_BYTES = 64 * 1024
+# Keys that OpenAI-style clients (Triton's OpenAI frontend, benchmark tools) put in sampling_parameters with
+# values that change nothing here; accepted with exactly those values, refused with any other (n=2, a logit
+# bias, top-k logprobs would all change the result). Values may come as strings, as vllm_backend clients send.
+NEUTRAL_KEYS = {
+    "n": ("1",), "best_of": ("1",), "logprobs": ("none", "null", "0", "false"), "top_logprobs": ("none", "null", "0"),
+    "prompt_logprobs": ("none", "null"), "logit_bias": ("none", "null", "{}"), "use_beam_search": ("false", "0"),
+    "skip_special_tokens": ("true", "1"), "spaces_between_special_tokens": ("true", "1"), "user": None,
+}
 
 
 @dataclass
@@ -111,7 +119,7 @@ def _to_str_list(name: str, v: Any) -> list[str]:
 
 
 _CONVERT: dict[str, Callable[[str, Any], Any]] = {
-    "max_tokens": _to_int, "temperature": _to_float, "top_p": _to_float, "top_k": _to_int,
+    "max_tokens": _to_int, "min_tokens": _to_int, "temperature": _to_float, "top_p": _to_float, "top_k": _to_int,
     "seed": _to_int, "stop_token_ids": _to_int_list, "ignore_eos": _to_bool, "stop": _to_str_list,
     "include_stop_str_in_output": _to_bool, "repetition_penalty": _to_float, "presence_penalty": _to_float,
     "frequency_penalty": _to_float, "return_logprobs": _to_bool,
@@ -141,11 +149,23 @@ def _sampling_json(arr: np.ndarray) -> dict:
         raise InvalidRequest("sampling_parameters: not valid JSON (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise InvalidRequest("sampling_parameters: expected a JSON object")
-    unknown = sorted(set(obj) - set(SAMPLING_KEYS))
+    unknown = sorted(set(obj) - set(SAMPLING_KEYS) - set(NEUTRAL_KEYS))
     if unknown:
         raise InvalidRequest(f"sampling_parameters: unsupported key {unknown[0]!r} (supported: "
                              f"{', '.join(SAMPLING_KEYS)})")
+    for key in set(obj) & set(NEUTRAL_KEYS):
+        _check_neutral(f"sampling_parameters.{key}", key, obj.pop(key))
     return obj
+
+
+def _check_neutral(label: str, key: str, value: Any) -> None:
+    allowed = NEUTRAL_KEYS[key]
+    if allowed is None:  # any value (e.g. `user`, an end-user id for the client's own bookkeeping)
+        return
+    text = "null" if value is None else json.dumps(value) if isinstance(value, (bool, dict)) else str(value)
+    if text.strip().lower() not in allowed:
+        raise InvalidRequest(f"{label}: {value!r} is not supported (accepted: {' or '.join(allowed)}, which "
+                             "change nothing)")
 
 
 def _flat_embeds(name: str, flat: np.ndarray, hidden_size: int) -> torch.Tensor:
@@ -187,6 +207,8 @@ def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict, tok
     for key in SAMPLING_KEYS + FLAG_KEYS:  # lowest precedence: request parameters
         if key in parameters:
             values[key] = _convert(f"parameter {key}", key, parameters[key])
+    for key in set(parameters) & set(NEUTRAL_KEYS):
+        _check_neutral(f"parameter {key}", key, parameters[key])
     sp = get("sampling_parameters")
     if sp is not None:
         for key, v in _sampling_json(sp).items():
@@ -202,6 +224,8 @@ def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict, tok
     params = SamplingParams(**kwargs)
     if params.top_k == -1:
         params.top_k = 0
+    if params.max_tokens == -1:  # up to the model length
+        params.max_tokens = None
 
     out = ParsedRequest(params, flags.get("stream", False), flags.get("exclude_input_in_output", False))
     name = present[0]

@@ -1,10 +1,12 @@
 """pagedllm_client against a real tritonserver (the `llm_server` fixture of conftest.py: started once, fails
-rather than skips when it cannot start): gRPC and HTTP, whole and streamed, text / ids / embeddings, errors,
-cancellation freeing KV blocks, the asyncio client, and the `pagedllm-client` CLI in a subprocess."""
+rather than skips when it cannot start): gRPC and HTTP, whole and streamed, text / ids / embeddings, every
+generate option, logprobs, errors, cancellation freeing KV blocks, the asyncio client, and the
+`pagedllm-client` CLI in a subprocess."""
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pagedllm_client import AsyncClient, Client, PagedLLMError, Result
+from pagedllm_client import AsyncClient, Client, GenerateOptions, PagedLLMError, Result
 from pagedllm_client.request import build_inputs
+from triton_helpers import stream_one
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("grpc", "http")
@@ -140,6 +143,91 @@ def test_sampling_options_reach_the_server(client, prompt_ids):
     s = client.generate(input_ids=prompt_ids, **sampled, stop_token_ids=[stop])
     assert s.finish_reason == "stop"
     assert s.token_ids == a.token_ids[:a.token_ids.index(stop) + 1]
+
+
+def direct_greedy(grpc_url: str, prompt_ids: list[int], **tensors) -> list[int]:
+    """GREEDY's token ids for the same inputs sent as hand-made tensors, not through the client."""
+    values = {"input_ids": np.array(prompt_ids, np.int64), "max_tokens": np.array([GREEDY["max_tokens"]], np.int32),
+              "temperature": np.array([0.0], np.float32), "ignore_eos": np.array([True]), **tensors}
+    res = stream_one(grpc_url, values)
+    assert res.error is None, res.error
+    return res.token_ids
+
+
+PENALTIES = {"repetition_penalty": 1.5, "presence_penalty": 1.5, "frequency_penalty": 1.5}
+
+
+@pytest.mark.parametrize("penalty", sorted(PENALTIES))
+def test_penalties_reach_the_server(client, penalty, llm_server, prompt_ids, reference):
+    value = PENALTIES[penalty]
+    direct = direct_greedy(llm_server.grpc_url, prompt_ids, **{penalty: np.array([value], np.float32)})
+    assert direct != reference.token_ids, "the penalty changes nothing here: the test would prove nothing"
+    assert client.generate(input_ids=prompt_ids, **GREEDY, **{penalty: value}).token_ids == direct
+    chunks = list(client.generate(input_ids=prompt_ids, **GREEDY, **{penalty: value}, stream=True))
+    assert [t for c in chunks for t in c.token_ids] == direct
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_and_include_stop_str_in_output(client, stream, prompt_ids, reference):
+    stop = reference.text[6:9]
+    assert stop.strip(), f"no usable stop string in {reference.text!r}"
+    cut = reference.text.find(stop)
+
+    def text_of(**options) -> tuple[str, str]:
+        out = client.generate(input_ids=prompt_ids, **GREEDY, stop=stop, stream=stream, **options)
+        if stream:
+            chunks = list(out)
+            return "".join(c.text for c in chunks), chunks[-1].finish_reason
+        return out.text, out.finish_reason
+
+    assert text_of() == (reference.text[:cut], "stop")
+    assert text_of(include_stop_str_in_output=False) == (reference.text[:cut], "stop")
+    assert text_of(include_stop_str_in_output=True) == (reference.text[:cut + len(stop)], "stop")
+
+
+def test_logprobs_whole_and_streamed_grpc_and_http(llm_server, prompt_ids, reference):
+    options = GenerateOptions(**GREEDY, return_logprobs=True)
+    got = {}
+    for protocol in PROTOCOLS:
+        with Client(url_of(llm_server, protocol), protocol) as c:
+            whole = c.generate(input_ids=prompt_ids, options=options)
+            assert whole.token_ids == reference.token_ids and reference.logprobs is None
+            got[protocol, "whole"] = whole.logprobs
+            chunks = list(c.generate(input_ids=prompt_ids, options=options, stream=True))
+            assert all(len(ch.logprobs) == len(ch.token_ids) for ch in chunks)
+            got[protocol, "stream"] = [x for ch in chunks for x in ch.logprobs]
+            plain = list(c.generate(input_ids=prompt_ids, **GREEDY, stream=True))
+            assert all(ch.logprobs is None for ch in plain)
+
+        async def asynchronous():
+            async with AsyncClient(url_of(llm_server, protocol), protocol) as ac:
+                got[protocol, "async whole"] = (await ac.generate(input_ids=prompt_ids, options=options)).logprobs
+                got[protocol, "async stream"] = [x async for ch in ac.generate_stream(input_ids=prompt_ids,
+                                                                                      options=options)
+                                                 for x in ch.logprobs]
+
+        asyncio.run(asynchronous())
+    first = got["grpc", "whole"]
+    assert len(first) == len(reference.token_ids)
+    assert all(math.isfinite(x) and x <= 0 for x in first), first
+    for key, logprobs in got.items():
+        assert logprobs == first, key
+
+
+def test_unknown_option_raises_type_error():
+    c = Client("127.0.0.1:1")  # nothing is sent: the arguments are checked first
+    ac = AsyncClient("127.0.0.1:1", "http")
+    calls = {
+        "max_token": lambda: c.generate("hi", max_token=3),
+        "topp": lambda: c.generate("hi", stream=True, topp=0.5),
+        "logprobs": lambda: c.generate_stream("hi", logprobs=True),
+        "stream": lambda: asyncio.run(ac.generate("hi", stream=True)),  # AsyncClient streams with generate_stream
+        "temp": lambda: ac.generate_stream("hi", temp=0),
+    }
+    for key, call in calls.items():
+        with pytest.raises(TypeError, match=f"argument '{key}'"):
+            call()
+    c.close()
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -321,6 +409,24 @@ def test_cli_generate_embed_with_chat(llm_server, tmp_path):
                 "--no-stream", "--json")
     assert p.returncode == 0, p.stderr
     assert json_lines(p.stdout)[0]["token_ids"] == expected.token_ids
+
+
+def test_cli_generate_every_option(llm_server, prompt_ids, reference):
+    stop = reference.text[6:9]
+    options = dict(GREEDY, stop=[stop], include_stop_str_in_output=True, repetition_penalty=1.5,
+                   presence_penalty=0.5, frequency_penalty=0.25, return_logprobs=True)
+    with Client(llm_server.grpc_url) as c:
+        expected = c.generate(input_ids=prompt_ids, **options)
+    p = run_cli("generate", "--protocol", "http", "--url", llm_server.http_url,
+                "--ids", ",".join(map(str, prompt_ids)), *GREEDY_FLAGS, "--stop", stop, "--stop", "never seen",
+                "--include-stop-str-in-output", "--repetition-penalty", "1.5", "--presence-penalty", "0.5",
+                "--frequency-penalty", "0.25", "--logprobs", "--no-stream", "--json")
+    assert p.returncode == 0, p.stderr
+    (result,) = json_lines(p.stdout)
+    assert result == expected.to_dict()
+    assert result["finish_reason"] == "stop" and result["text"].endswith(stop)
+    p = run_cli("generate", "--url", llm_server.grpc_url, "--text", TEXT, "--logprobs")
+    assert p.returncode == 2 and "--logprobs needs --json" in p.stderr
 
 
 def test_cli_generate_error(llm_server):

@@ -3,6 +3,8 @@ embeddings, whole or streamed, synchronously (`Client`) or with asyncio (`AsyncC
 The command line is `pagedllm-client` (cli.py)."""
 from .aio import AsyncChunkStream, AsyncClient
 from .client import ChunkStream, Client
+from .options import GenerateOptions
 from .types import Chunk, PagedLLMError, Result
 
-__all__ = ["AsyncChunkStream", "AsyncClient", "Chunk", "ChunkStream", "Client", "PagedLLMError", "Result"]
+__all__ = ["AsyncChunkStream", "AsyncClient", "Chunk", "ChunkStream", "Client", "GenerateOptions", "PagedLLMError",
+           "Result"]

@@ -3,22 +3,30 @@
 
 gRPC goes through tritonclient.grpc.aio (one bidirectional stream per request; cancelling the call cancels
 the request), HTTP through aiohttp (which tritonclient[http] brings). Use one AsyncClient per event loop.
+Only the I/O is here: requests are built by ClientBase (client.py), answers read by protocol.py.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import grpc
 import tritonclient.grpc.aio as grpcclient_aio
 from tritonclient.utils import InferenceServerException
 
-from .client import DEFAULT_EMBEDS_ENCODING, DEFAULT_URLS, check_protocol
-from .grpc_transport import error_from, infer_inputs, is_final
-from .http_transport import HttpEndpoint, error_message, sse_line
-from .request import build_inputs, grpc_outputs, json_body, json_outputs, sse_output, to_chunk, to_result
-from .types import Chunk, PagedLLMError, Result
+from .client import ClientBase
+from .grpc_transport import infer_inputs
+from .options import GenerateOptions
+from .protocol import GrpcResponses, SseResponses, WholeResponse, grpc_error, http_error, io_error
+from .request import json_body, to_chunk, to_result
+from .types import Chunk, Result
+
+
+def _aiohttp_io_errors() -> tuple:
+    """What aiohttp raises when the connection fails, breaks or times out (aiohttp is imported when used)."""
+    import aiohttp
+
+    return aiohttp.ClientError, OSError, asyncio.TimeoutError
 
 
 class AioGrpcCall:
@@ -28,105 +36,73 @@ class AioGrpcCall:
         async def requests():
             yield {"model_name": model, "inputs": infer_inputs(inputs)}
 
-        self._done = False
-        self._responses = client.stream_infer(requests(), stream_timeout=timeout)
+        self._responses = GrpcResponses()
+        self._stream = client.stream_infer(requests(), stream_timeout=timeout)
+
+    async def _read(self) -> tuple:
+        try:
+            return await self._stream.__anext__()
+        except StopAsyncIteration:
+            return GrpcResponses.END
+        except (grpc.RpcError, InferenceServerException) as e:
+            raise grpc_error(e) from None
 
     async def next(self) -> dict[str, Any] | None:
-        while not self._done:
-            try:
-                result, error = await self._responses.__anext__()
-            except StopAsyncIteration:
-                self._done = True
-                return None
-            except grpc.RpcError as e:
-                self._done = True
-                raise PagedLLMError(e.details() or str(e), e.code().name) from None
-            except InferenceServerException as e:
-                self._done = True
-                raise error_from(e) from None
-            if error is not None:
-                self._done = True
-                raise error_from(error)
-            out = grpc_outputs(result) if result.get_response().outputs else None
-            self._done = is_final(result) or bool(out and out["finish_reason"])
-            if out is not None:
-                return out
-        return None
+        return await self._responses.apull(self._read)
 
     def close(self) -> None:
-        if not self._done:
-            self._done = True
-            self._responses.cancel()
+        if not self._responses.done:
+            self._responses.done = True
+            self._stream.cancel()
 
 
 class AioHttpCall:
-    """One request on /generate_stream; closing the connection before the end cancels it."""
+    """One request on /generate or /generate_stream; closing the connection before the end cancels it."""
 
-    def __init__(self, response):
+    def __init__(self, response, stream: bool):
         self._response = response
-        self._done = False
+        self._stream = stream
+        self._responses = SseResponses() if stream else WholeResponse()
 
     @classmethod
-    async def open(cls, session, url: str, body: dict, timeout: float | None) -> "AioHttpCall":
-        return cls(await _post(session, url, body, timeout))
+    async def open(cls, session, url: str, body: dict, stream: bool, timeout: float | None) -> "AioHttpCall":
+        import aiohttp
 
-    async def _event(self) -> dict | None:
-        data: list[str] = []
-        while True:
-            line = await self._response.content.readline()
-            if sse_line(line, data):
-                return json.loads("\n".join(data)) if data else None
+        try:
+            response = await session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout))
+        except _aiohttp_io_errors() as e:
+            raise io_error(e, f"cannot reach {url}") from None
+        if response.status != 200:
+            error = http_error(response.status, await response.read())
+            response.release()
+            raise error
+        return cls(response, stream)
+
+    async def _read(self) -> bytes:
+        """A line of the event stream, or the whole body."""
+        try:
+            return await (self._response.content.readline() if self._stream else self._response.read())
+        except _aiohttp_io_errors() as e:
+            raise io_error(e, "reading the response failed") from None
 
     async def next(self) -> dict[str, Any] | None:
-        if self._done:
-            return None
-        try:
-            obj = await self._event()
-        except BaseException as e:
-            self.close()
-            raise _http_error(e) from None
-        self._done = True  # until the event says otherwise (an error event raises)
-        out, self._done = sse_output(obj)
-        return out
+        return await self._responses.apull(self._read)
 
     def close(self) -> None:
-        if not self._done:
-            self._done = True
+        if not self._responses.done:
+            self._responses.done = True
             self._response.close()  # drops the connection: the server cancels the request
         else:
             self._response.release()
-
-
-def _http_error(e: BaseException) -> BaseException:
-    import aiohttp
-
-    if isinstance(e, asyncio.TimeoutError):
-        return PagedLLMError("timed out waiting for the server", "DEADLINE_EXCEEDED")
-    if isinstance(e, (aiohttp.ClientError, OSError)):
-        return PagedLLMError(f"HTTP request failed: {e}", "UNAVAILABLE")
-    return e
-
-
-async def _post(session, url: str, body: dict, timeout: float | None):
-    import aiohttp
-
-    try:
-        response = await session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout))
-    except BaseException as e:
-        raise _http_error(e) from None
-    if response.status != 200:
-        message = error_message(await response.read())
-        response.release()
-        raise PagedLLMError(message, response.status)
-    return response
 
 
 class AsyncChunkStream:
     """Async iterator over a streaming request's Chunks; the request starts at the first `__anext__`.
     Leaving early (break, aclose(), `async with` exit, garbage collection) cancels it on the server."""
 
-    def __init__(self, open_call):
+    def __init__(self, open_call, with_logprobs: bool):
         self._open_call = open_call  # coroutine function returning a call
+        self._with_logprobs = with_logprobs
         self._call = None
         self._closed = False
 
@@ -146,7 +122,7 @@ class AsyncChunkStream:
         if out is None:
             self.close()
             raise StopAsyncIteration
-        return to_chunk(out)
+        return to_chunk(out, self._with_logprobs)
 
     def close(self) -> None:
         self._closed = True
@@ -170,26 +146,14 @@ class AsyncChunkStream:
             pass
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """Like Client, for asyncio: `await generate(...)` -> Result; `generate_stream(...)` -> async iterator."""
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", model: str = "llm",
                  embeds_encoding: str | None = None):
-        self.protocol = check_protocol(protocol)
-        self.url = url or DEFAULT_URLS[protocol]
-        self.model = model
-        self.embeds_encoding = embeds_encoding or DEFAULT_EMBEDS_ENCODING[protocol]
+        super().__init__(url, protocol, model, embeds_encoding)
         self._grpc = None  # created inside the running loop
         self._session = None
-        if protocol == "http":
-            self._endpoint = HttpEndpoint.parse(self.url)
-
-    def _inputs(self, prompt, stream: bool, kwargs: dict) -> dict:
-        return build_inputs(prompt, embeds_encoding=self.embeds_encoding, stream=stream, **kwargs)
-
-    def _http_url(self, stream: bool) -> str:
-        e = self._endpoint
-        return f"{e.scheme}://{e.host}:{e.port}{e.path(self.model, stream)}"
 
     def _http_session(self):
         if self._session is None:
@@ -203,52 +167,35 @@ class AsyncClient:
             self._grpc = grpcclient_aio.InferenceServerClient(self.url.split("://", 1)[-1])
         return self._grpc
 
-    async def _open(self, inputs: dict, timeout: float | None):
+    async def _open(self, inputs: dict, stream: bool, timeout: float | None):
         if self.protocol == "grpc":
             return AioGrpcCall(self._grpc_client(), self.model, inputs, timeout)
-        return await AioHttpCall.open(self._http_session(), self._http_url(True), json_body(inputs), timeout)
+        return await AioHttpCall.open(self._http_session(), self._endpoint.url(self.model, stream),
+                                      json_body(inputs), stream, timeout)
 
     async def generate(self, prompt: Any = None, *, text: str | None = None, input_ids: Any = None,
-                       prompt_embeds: Any = None, max_tokens: int = 16, temperature: float | None = None,
-                       top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                       stop_token_ids: Any = None, ignore_eos: bool | None = None, stop: Any = None,
-                       timeout: float | None = None) -> Result:
+                       prompt_embeds: Any = None, timeout: float | None = None,
+                       options: GenerateOptions | None = None, **option_kwargs) -> Result:
         """Client.generate's arguments (without `stream`: see generate_stream); returns the whole Result."""
-        inputs = self._inputs(prompt, False, dict(
-            text=text, input_ids=input_ids, prompt_embeds=prompt_embeds, max_tokens=max_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos, stop=stop))
-        if self.protocol == "http":
-            response = await _post(self._http_session(), self._http_url(False), json_body(inputs), timeout)
-            try:
-                obj = await response.json(content_type=None)
-            finally:
-                response.release()
-            if "error" in obj:
-                raise PagedLLMError(str(obj["error"]))
-            return to_result([json_outputs(obj)])
-        call = await self._open(inputs, timeout)
+        inputs, with_logprobs = self._request(prompt, text, input_ids, prompt_embeds, False, options,
+                                              option_kwargs)
+        call = await self._open(inputs, False, timeout)
         outputs = []
         try:
             while (out := await call.next()) is not None:
                 outputs.append(out)
         finally:
             call.close()
-        if not outputs:
-            raise PagedLLMError("the server finished the request without a response")
-        return to_result(outputs)
+        return to_result(outputs, with_logprobs)
 
     def generate_stream(self, prompt: Any = None, *, text: str | None = None, input_ids: Any = None,
-                        prompt_embeds: Any = None, max_tokens: int = 16, temperature: float | None = None,
-                        top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                        stop_token_ids: Any = None, ignore_eos: bool | None = None, stop: Any = None,
-                        timeout: float | None = None) -> AsyncChunkStream:
+                        prompt_embeds: Any = None, timeout: float | None = None,
+                        options: GenerateOptions | None = None, **option_kwargs) -> AsyncChunkStream:
         """Client.generate's arguments; `async for chunk in client.generate_stream(...)`."""
-        inputs = self._inputs(prompt, True, dict(  # argument errors raise here, not at the first chunk
-            text=text, input_ids=input_ids, prompt_embeds=prompt_embeds, max_tokens=max_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos, stop=stop))
-        return AsyncChunkStream(lambda: self._open(inputs, timeout))
+        # Argument errors raise here, not at the first chunk.
+        inputs, with_logprobs = self._request(prompt, text, input_ids, prompt_embeds, True, options,
+                                              option_kwargs)
+        return AsyncChunkStream(lambda: self._open(inputs, True, timeout), with_logprobs)
 
     async def close(self) -> None:
         if self._session is not None:

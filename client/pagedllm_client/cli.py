@@ -3,6 +3,7 @@
     pagedllm-client generate --text "Hello" --max-tokens 32
     pagedllm-client generate --protocol http --ids 1,450,22 --no-stream --json
     pagedllm-client generate --text "Hi" --embed-with ./ckpt --chat      # embeddings computed here
+    pagedllm-client generate --text "Hi" --stop "." --repetition-penalty 1.2 --logprobs --json
     pagedllm-client bench --concurrency 8 --requests 64 --max-tokens 64 --prompt-len 128
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import sys
 
 from .client import DEFAULT_URLS, Client
+from .options import GenerateOptions
 from .types import PagedLLMError
 
 
@@ -31,12 +33,23 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    """Flags for GenerateOptions' fields (see options.py), each with the field's name as its dest; ignore_eos
+    is added per command, with its own default."""
     p.add_argument("--max-tokens", type=int, default=max_tokens)
     p.add_argument("--temperature", type=float, help="0 = greedy (server default 1.0)")
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--stop-token-ids", type=_ids, help="e.g. 2,13")
+    p.add_argument("--stop", action="append", metavar="STRING",
+                   help="stop string: the text ends before it (repeat for several)")
+    p.add_argument("--include-stop-str-in-output", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the stop string at the end of the text")
+    p.add_argument("--repetition-penalty", type=float, help="in (0, 10], 1 = off")
+    p.add_argument("--presence-penalty", type=float, help="in [-2, 2], 0 = off")
+    p.add_argument("--frequency-penalty", type=float, help="in [-2, 2], 0 = off")
+    p.add_argument("--logprobs", dest="return_logprobs", action="store_const", const=True,
+                   help="return each generated token's log-probability (generate shows them with --json)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,9 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sampling(args) -> dict:
-    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "seed": args.seed, "stop_token_ids": args.stop_token_ids,
-            "ignore_eos": args.ignore_eos}
+    """GenerateOptions' fields from the flags."""
+    return {name: getattr(args, name) for name in GenerateOptions.names()}
 
 
 def _prompt(args, parser) -> dict:
@@ -110,6 +122,8 @@ def _emit(obj: dict) -> None:
 
 
 def cmd_generate(args, parser) -> int:
+    if args.return_logprobs and not args.json:
+        parser.error("--logprobs needs --json (the plain output is the text alone)")
     try:
         prompt = _prompt(args, parser)
     except (OSError, ValueError, KeyError) as e:

@@ -1,12 +1,14 @@
-"""The synchronous client: `Client(url, protocol).generate(...)`."""
+"""The synchronous client, `Client(url, protocol).generate(...)`, and what it shares with AsyncClient
+(ClientBase: settings, and one request built from a prompt and GenerateOptions)."""
 from __future__ import annotations
 
 from typing import Any
 
-from . import http_transport
 from .grpc_transport import GrpcCall, GrpcPool
+from .http_transport import HttpCall, HttpEndpoint
+from .options import GenerateOptions
 from .request import build_inputs, json_body, to_chunk, to_result
-from .types import Chunk, PagedLLMError, Result
+from .types import Chunk, Result
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
@@ -19,12 +21,33 @@ def check_protocol(protocol: str) -> str:
     return protocol
 
 
+class ClientBase:
+    """Client's and AsyncClient's settings, and their requests."""
+
+    def __init__(self, url: str | None, protocol: str, model: str, embeds_encoding: str | None):
+        self.protocol = check_protocol(protocol)
+        self.url = url or DEFAULT_URLS[protocol]
+        self.model = model
+        self.embeds_encoding = embeds_encoding or DEFAULT_EMBEDS_ENCODING[protocol]
+        if protocol == "http":
+            self._endpoint = HttpEndpoint.parse(self.url)
+
+    def _request(self, prompt: Any, text: Any, input_ids: Any, prompt_embeds: Any, stream: bool,
+                 options: GenerateOptions | None, option_kwargs: dict[str, Any]) -> tuple[dict, bool]:
+        """(the input tensors, whether the answers carry logprobs). Bad arguments raise here, before sending."""
+        options = GenerateOptions.merge(options, option_kwargs)
+        inputs = build_inputs(prompt, text=text, input_ids=input_ids, prompt_embeds=prompt_embeds,
+                              embeds_encoding=self.embeds_encoding, stream=stream, options=options)
+        return inputs, bool(options.return_logprobs)
+
+
 class ChunkStream:
     """Iterator over a streaming request's Chunks. Leaving it early (break, close(), a `with` block's end,
     or garbage collection) cancels the request on the server."""
 
-    def __init__(self, call):
+    def __init__(self, call, with_logprobs: bool):
         self._call = call
+        self._with_logprobs = with_logprobs
 
     def __iter__(self) -> "ChunkStream":
         return self
@@ -40,7 +63,7 @@ class ChunkStream:
         if out is None:
             self.close()
             raise StopIteration
-        return to_chunk(out)
+        return to_chunk(out, self._with_logprobs)
 
     def close(self) -> None:
         call, self._call = self._call, None
@@ -60,7 +83,7 @@ class ChunkStream:
             pass
 
 
-class Client:
+class Client(ClientBase):
     """A client of the `llm` model over gRPC (default, url "host:8001") or HTTP (url "host:8000").
 
     `embeds_encoding` is how prompt embeddings travel: "fp16" (gRPC's default), "fp32" (HTTP's default) or
@@ -71,39 +94,26 @@ class Client:
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", model: str = "llm",
                  embeds_encoding: str | None = None):
-        self.protocol = check_protocol(protocol)
-        self.url = url or DEFAULT_URLS[protocol]
-        self.model = model
-        self.embeds_encoding = embeds_encoding or DEFAULT_EMBEDS_ENCODING[protocol]
+        super().__init__(url, protocol, model, embeds_encoding)
         if protocol == "grpc":
             self._pool = GrpcPool(self.url.split("://", 1)[-1])
-        else:
-            self._endpoint = http_transport.HttpEndpoint.parse(self.url)
 
     def generate(self, prompt: Any = None, *, text: str | None = None, input_ids: Any = None,
-                 prompt_embeds: Any = None, max_tokens: int = 16, temperature: float | None = None,
-                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                 stop_token_ids: Any = None, ignore_eos: bool | None = None, stop: Any = None,
-                 stream: bool = False,
-                 timeout: float | None = None) -> Result | ChunkStream:
+                 prompt_embeds: Any = None, stream: bool = False, timeout: float | None = None,
+                 options: GenerateOptions | None = None, **option_kwargs) -> Result | ChunkStream:
         """Generate from exactly one prompt: `text`, `input_ids` (list or array of ints) or `prompt_embeds`
         (array or torch tensor [seq_len, hidden_size]); `prompt` positionally picks one by its type.
-        Sampling options left None take the server's defaults (temperature 1.0; 0 means greedy).
-        Returns a Result, or with stream=True a ChunkStream of Chunks. Server errors raise PagedLLMError;
-        `timeout` (seconds) bounds the whole request."""
-        inputs = build_inputs(prompt, text=text, input_ids=input_ids, prompt_embeds=prompt_embeds,
-                              embeds_encoding=self.embeds_encoding, max_tokens=max_tokens,
-                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                              stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, stop=stop,
-                              stream=stream)
-        if self.protocol == "http" and not stream:
-            out = http_transport.generate(self._endpoint, self.model, json_body(inputs), timeout)
-            return to_result([out])
-        call = self._open(inputs, timeout)
+        How to generate: `options` and/or GenerateOptions' fields as keywords (max_tokens=32, temperature=0,
+        stop=["\\n"], return_logprobs=True, ...); an unknown keyword raises TypeError. Options left None take
+        the server's defaults. Returns a Result, or with stream=True a ChunkStream of Chunks. Server errors
+        raise PagedLLMError; `timeout` (seconds) bounds the whole request."""
+        inputs, with_logprobs = self._request(prompt, text, input_ids, prompt_embeds, stream, options,
+                                              option_kwargs)
+        call = self._open(inputs, stream, timeout)
         if stream:
-            return ChunkStream(call)
+            return ChunkStream(call, with_logprobs)
         try:
-            return to_result(read_all(call))
+            return to_result(read_all(call), with_logprobs)
         finally:
             call.close()
 
@@ -111,10 +121,10 @@ class Client:
         """generate(..., stream=True)."""
         return self.generate(prompt, stream=True, **kwargs)
 
-    def _open(self, inputs, timeout):
+    def _open(self, inputs: dict, stream: bool, timeout: float | None):
         if self.protocol == "grpc":
             return GrpcCall(self._pool, self.model, inputs, timeout)
-        return http_transport.HttpStreamCall(self._endpoint, self.model, json_body(inputs), timeout)
+        return HttpCall(self._endpoint, self.model, json_body(inputs), stream, timeout)
 
     def close(self) -> None:
         if self.protocol == "grpc":
@@ -128,9 +138,8 @@ class Client:
 
 
 def read_all(call) -> list[dict]:
+    """Every response's outputs, until the request is done."""
     outputs = []
     while (out := call.next()) is not None:
         outputs.append(out)
-    if not outputs:
-        raise PagedLLMError("the server finished the request without a response")
     return outputs

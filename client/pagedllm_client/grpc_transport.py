@@ -1,6 +1,6 @@
 """Synchronous gRPC transport: one bidirectional stream per request, so that stopping the stream cancels
 exactly that request. A tritonclient client holds one stream at a time, so clients are pooled (one per
-request in flight)."""
+request in flight). What the responses mean is protocol.py's."""
 from __future__ import annotations
 
 import queue
@@ -12,15 +12,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from .request import grpc_outputs
+from .protocol import GrpcResponses, grpc_error, timed_out
 from .types import PagedLLMError
-
-
-def error_from(e: InferenceServerException) -> PagedLLMError:
-    status = e.status()
-    if status is not None:
-        status = str(status).removeprefix("StatusCode.")
-    return PagedLLMError(e.message() or str(e), status)
 
 
 def infer_inputs(inputs: dict[str, np.ndarray]) -> list:
@@ -30,11 +23,6 @@ def infer_inputs(inputs: dict[str, np.ndarray]) -> list:
         t.set_data_from_numpy(arr)
         tensors.append(t)
     return tensors
-
-
-def is_final(result) -> bool:
-    params = result.get_response().parameters
-    return "triton_final_response" in params and params["triton_final_response"].bool_param
 
 
 class GrpcPool:
@@ -56,7 +44,7 @@ class GrpcPool:
         try:
             client = grpcclient.InferenceServerClient(self.url)
         except InferenceServerException as e:
-            raise error_from(e) from None
+            raise grpc_error(e) from None
         with self._lock:
             self._all.append(client)
         return client
@@ -85,54 +73,49 @@ class GrpcCall:
 
     def __init__(self, pool: GrpcPool, model: str, inputs: dict[str, np.ndarray], timeout: float | None):
         self._pool = pool
-        self._responses: queue.Queue = queue.Queue()
+        self._responses = GrpcResponses()
+        self._items: queue.Queue = queue.Queue()
         self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._done = False
         self._client = pool.acquire()
         try:
             self._client.start_stream(callback=self._on_response, stream_timeout=timeout)
             self._client.async_stream_infer(model, infer_inputs(inputs), enable_empty_final_response=True)
         except InferenceServerException as e:
-            self._done = True
+            self._responses.done = True  # the stream is broken: nothing to cancel
             self.close()
-            raise self._stream_error() or error_from(e) from None
+            raise self._stream_error() or grpc_error(e) from None
         except BaseException:
-            self._done = True
+            self._responses.done = True
             self.close()
             raise
 
     def _on_response(self, result, error) -> None:  # tritonclient's stream thread
-        self._responses.put((result, error))
+        self._items.put((result, error))
 
     def _stream_error(self) -> PagedLLMError | None:
         """The error the stream reported through the callback (e.g. UNAVAILABLE when the server is down):
         when the stream breaks before the request is sent, async_stream_infer only says it is broken."""
         try:
-            _, error = self._responses.get(timeout=1.0)
+            _, error = self._items.get(timeout=1.0)
         except queue.Empty:
             return None
-        return None if error is None else error_from(error)
+        return None if error is None else grpc_error(error)
+
+    def _read(self) -> tuple:
+        remaining = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+        try:
+            return self._items.get(timeout=remaining)
+        except queue.Empty:
+            raise timed_out() from None
 
     def next(self) -> dict[str, Any] | None:
-        while not self._done:
-            remaining = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
-            try:
-                result, error = self._responses.get(timeout=remaining)
-            except queue.Empty:
-                raise PagedLLMError("timed out waiting for the server", "DEADLINE_EXCEEDED") from None
-            if error is not None:
-                self._done = True
-                raise error_from(error)
-            self._done = is_final(result)
-            if result.get_response().outputs:
-                return grpc_outputs(result)
-        return None
+        return self._responses.pull(self._read)
 
     def close(self) -> None:
         client, self._client = self._client, None
         if client is None:
             return
         try:
-            client.stop_stream(cancel_requests=not self._done)
+            client.stop_stream(cancel_requests=not self._responses.done)
         finally:
             self._pool.release(client)

@@ -1,8 +1,8 @@
 """Synchronous HTTP transport over Triton's generate extension, with the standard library only.
 
-POST /v2/models/{model}/generate answers one JSON object; /generate_stream answers server-sent events
-(`data: {...}` lines, an error as `data: {"error": "..."}`). Closing the streaming connection early makes the
-server cancel the request.
+POST /v2/models/{model}/generate answers one JSON object; /generate_stream answers server-sent events.
+Closing the streaming connection early makes the server cancel the request. What the answers mean is
+protocol.py's.
 """
 from __future__ import annotations
 
@@ -14,21 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .request import json_outputs, sse_output
-from .types import PagedLLMError
+from .protocol import SseResponses, WholeResponse, http_error, io_error, timed_out
 
-
-def sse_line(line: bytes, data: list[str]) -> bool:
-    """Feeds one raw line of a server-sent-events stream: a `data:` line is added to `data`; True when the
-    event is complete (a blank line after data, or the stream's end: b"", where a last event may lack its
-    blank line, and `data` may be empty)."""
-    if not line:
-        return True
-    line = line.rstrip(b"\r\n")
-    if line.startswith(b"data:"):
-        data.append(line[5:].strip().decode("utf-8"))
-        return False
-    return not line and bool(data)
+# What http.client raises when the connection fails, breaks or times out.
+IO_ERRORS = (OSError, http.client.HTTPException)
 
 
 @dataclass
@@ -54,90 +43,49 @@ class HttpEndpoint:
     def path(self, model: str, stream: bool) -> str:
         return f"{self.prefix}/v2/models/{model}/{'generate_stream' if stream else 'generate'}"
 
-
-def error_message(body: bytes) -> str:
-    """The server's message from an error body: JSON {"error": ...} or an SSE `data: {"error": ...}` line."""
-    text = body.decode("utf-8", "replace").strip()
-    for candidate in [text] + [ln[5:].strip() for ln in text.splitlines() if ln.startswith("data:")]:
-        try:
-            obj = json.loads(candidate)
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and "error" in obj:
-            return str(obj["error"])
-    return text or "no message"
+    def url(self, model: str, stream: bool) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}{self.path(model, stream)}"
 
 
-def _post(endpoint: HttpEndpoint, model: str, body: dict, stream: bool, timeout: float | None):
-    conn = endpoint.connect(timeout)
-    try:
-        conn.request("POST", endpoint.path(model, stream), body=json.dumps(body).encode("utf-8"),
-                     headers={"Content-Type": "application/json",
-                              "Accept": "text/event-stream" if stream else "application/json"})
-        response = conn.getresponse()
-    except (OSError, http.client.HTTPException) as e:
-        conn.close()
-        raise PagedLLMError(f"cannot reach {endpoint.host}:{endpoint.port}: {e}", "UNAVAILABLE") from None
-    if response.status != 200:
-        message = error_message(response.read())
-        conn.close()
-        raise PagedLLMError(message, response.status)
-    return conn, response
+class HttpCall:
+    """One request on /generate (stream=False: one answer) or /generate_stream, with GrpcCall's contract:
+    next() -> the next response's outputs or None once done; close() cancels an unfinished request."""
 
-
-def generate(endpoint: HttpEndpoint, model: str, body: dict, timeout: float | None) -> dict[str, Any]:
-    """One non-streaming request; returns its outputs."""
-    conn, response = _post(endpoint, model, body, False, timeout)
-    try:
-        raw = response.read()
-    except (OSError, http.client.HTTPException) as e:
-        raise PagedLLMError(f"reading the response failed: {e}", "UNAVAILABLE") from None
-    finally:
-        conn.close()
-    obj = json.loads(raw)
-    if "error" in obj:
-        raise PagedLLMError(str(obj["error"]))
-    return json_outputs(obj)
-
-
-class HttpStreamCall:
-    """One streaming request (same contract as GrpcCall): next() -> outputs or None; close() cancels."""
-
-    def __init__(self, endpoint: HttpEndpoint, model: str, body: dict, timeout: float | None):
+    def __init__(self, endpoint: HttpEndpoint, model: str, body: dict, stream: bool, timeout: float | None):
+        self._stream = stream
+        self._responses = SseResponses() if stream else WholeResponse()
         self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._done = False
-        self._conn, self._response = _post(endpoint, model, body, True, timeout)
+        self._conn = endpoint.connect(timeout)
+        try:
+            self._conn.request("POST", endpoint.path(model, stream), body=json.dumps(body).encode("utf-8"),
+                               headers={"Content-Type": "application/json",
+                                        "Accept": "text/event-stream" if stream else "application/json"})
+            self._response = self._conn.getresponse()
+        except IO_ERRORS as e:
+            self._conn.close()
+            raise io_error(e, f"cannot reach {endpoint.host}:{endpoint.port}") from None
+        if self._response.status != 200:
+            error = http_error(self._response.status, self._response.read())
+            self._conn.close()
+            raise error
 
-    def _event(self) -> dict | None:
-        """The next SSE event's data as JSON, or None at the end of the stream."""
-        data: list[str] = []
-        while True:
-            if self._deadline is not None and time.monotonic() > self._deadline:
-                raise socket.timeout("deadline passed")
-            line = self._response.readline()
-            if sse_line(line, data):
-                return json.loads("\n".join(data)) if data else None
+    def _read(self) -> bytes:
+        """A line of the event stream, or the whole body."""
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise timed_out()
+        try:
+            return self._response.readline() if self._stream else self._response.read()
+        except IO_ERRORS as e:
+            raise io_error(e, "reading the response failed") from None
 
     def next(self) -> dict[str, Any] | None:
-        if self._done:
-            return None
-        try:
-            obj = self._event()
-        except (OSError, http.client.HTTPException) as e:
-            self._done = True
-            self.close()
-            if isinstance(e, (socket.timeout, TimeoutError)):
-                raise PagedLLMError("timed out waiting for the server", "DEADLINE_EXCEEDED") from None
-            raise PagedLLMError(f"the stream broke: {e}", "UNAVAILABLE") from None
-        self._done = True  # until the event says otherwise (an error event raises)
-        out, self._done = sse_output(obj)
-        return out
+        return self._responses.pull(self._read)
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if not self._done and conn.sock is not None:
+        if not self._responses.done and conn.sock is not None:
             try:  # shut the socket down now (not when the last reference goes): the server cancels
                 conn.sock.shutdown(socket.SHUT_RDWR)
             except OSError:

@@ -29,6 +29,7 @@ class Result:
     finish_reason: str  # "length" or "stop"
     num_input_tokens: int
     num_output_tokens: int
+    logprobs: list[float] | None = None  # one per token id with return_logprobs, else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,6 +42,7 @@ class Chunk:
     text: str
     finish_reason: str | None  # None until the request finishes
     num_output_tokens: int  # generated so far
+    logprobs: list[float] | None = None  # one per token id with return_logprobs, else None
 
     def to_dict(self) -> dict:
         return asdict(self)

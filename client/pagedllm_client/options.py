@@ -24,7 +24,9 @@ class GenerateOptions:
     AsyncClient.generate or AsyncClient.generate_stream; keywords override `options`' fields."""
 
     max_tokens: int | None = _option(np.int32, 16)
-    """Tokens to generate at most."""
+    """Tokens to generate at most; -1: up to the model length."""
+    min_tokens: int | None = _option(np.int32)
+    """EOS and stop tokens cannot end generation before this many tokens (nor can stop strings)."""
     temperature: float | None = _option(np.float32)
     """0 = greedy; the server's default is 1.0; at most 100."""
     top_p: float | None = _option(np.float32)

@@ -183,7 +183,7 @@ def json_outputs(obj: dict) -> dict[str, Any]:
 def to_chunk(out: dict[str, Any], with_logprobs: bool) -> Chunk:
     """One streamed response as a Chunk; its logprobs are None unless the request asked for them."""
     return Chunk(out["token_ids"], out["text"], out["finish_reason"] or None, out["num_output_tokens"],
-                 out["logprobs"] if with_logprobs else None)
+                 out["logprobs"] if with_logprobs else None, out["num_input_tokens"])
 
 
 def to_result(outputs: list[dict[str, Any]], with_logprobs: bool) -> Result:

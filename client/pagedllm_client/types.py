@@ -43,6 +43,7 @@ class Chunk:
     finish_reason: str | None  # None until the request finishes
     num_output_tokens: int  # generated so far
     logprobs: list[float] | None = None  # one per token id with return_logprobs, else None
+    num_input_tokens: int = 0  # the prompt's length
 
     def to_dict(self) -> dict:
         return asdict(self)

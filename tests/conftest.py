@@ -5,6 +5,8 @@
 - `start_server` (function): `with start_server(model_dir, **engine_overrides) as srv:`; see server_utils.
 - `llm_server` (session): the project's `llm` model serving `tiny_llama_dir`; a RunningServer
   (grpc_url, http_url, http_address, metrics_url, ports, config, log_tail()).
+- `openai_server` (session): the OpenAI-compatible front end in front of `llm_server` (`url`), as
+  `pagedllm serve` runs it.
 Helpers beside it: engine_utils (make_engine, run_to_completion), server_utils (start_server, free ports),
 triton_helpers (tritonclient streams, HTTP generate, metrics), hf_reference (transformers' greedy output).
 """
@@ -20,6 +22,7 @@ for p in (ROOT / "backend", ROOT / "client", ROOT / "tests"):  # work from a bar
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from server_utils import start_openai  # noqa: E402
 from server_utils import start_server as _start_server  # noqa: E402
 
 
@@ -60,3 +63,9 @@ def start_server(tmp_path):
 def llm_server(tiny_llama_dir, tmp_path_factory):
     with _start_server(tiny_llama_dir, runtime_dir=tmp_path_factory.mktemp("llm-server")) as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def openai_server(llm_server, tmp_path_factory):
+    with start_openai(llm_server, tmp_path_factory.mktemp("openai") / "openai.log") as frontend:
+        yield frontend

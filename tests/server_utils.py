@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pagedllm.config import EngineConfig
 from pagedllm.server import LauncherError, TritonServer
+from pagedllm.server.frontend import OpenAIFrontend
 
 # Small KV cache by default: 0 would size it from 90% of a GPU's memory, slow and unfriendly to other tests.
 TEST_ENGINE_DEFAULTS = {"num_kv_blocks": 256, "max_num_seqs": 16}
@@ -108,3 +109,19 @@ def start_server(model_dir, *, model_repository=None, runtime_dir=None, paramete
         rc = server.stop()
         if not alive:  # it died during the test: show why in the test's output
             print(f"tritonserver had exited (code {rc}); last lines of {server.log_path}:\n{server.log_tail(60)}")
+
+
+@contextlib.contextmanager
+def start_openai(server: RunningServer, log_path: Path, **kwargs):
+    """The OpenAI front end (as `pagedllm serve` starts it) in front of a running server; yields it (`url`,
+    `api_key`). kwargs: served_model_name, api_key, triton_grpc_url (default: the server's)."""
+    kwargs.setdefault("triton_grpc_url", server.grpc_url)
+    frontend = OpenAIFrontend(model_dir=str(server.model_dir), port=free_ports(1)[0], metrics_url=server.metrics_url,
+                              log_path=log_path, **kwargs)
+    frontend.start()
+    try:
+        if kwargs["triton_grpc_url"] == server.grpc_url:
+            frontend.wait_ready(READY_TIMEOUT_S)
+        yield frontend
+    finally:
+        frontend.stop()

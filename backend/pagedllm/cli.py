@@ -1,4 +1,5 @@
-"""`pagedllm` command line: `serve` runs tritonserver with the llm model; `make-tiny-model` writes a test checkpoint."""
+"""`pagedllm` command line: `serve` runs tritonserver with the llm model (and the OpenAI-compatible API beside
+it); `openai` runs that API alone against a tritonserver; `make-tiny-model` writes a test checkpoint."""
 from __future__ import annotations
 
 import argparse
@@ -70,7 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, default=8002)
     serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
     serve.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model")
+    serve.add_argument("--openai-port", type=int, default=9000,
+                       help="port of the OpenAI-compatible API (default 9000; 0: do not start it)")
+    from pagedllm.openai_api.server import add_arguments as openai_arguments
+
+    openai_arguments(serve, standalone=False)
     _engine_flags(serve)
+
+    openai = sub.add_parser("openai", help="the OpenAI-compatible API alone, against a running tritonserver")
+    openai_arguments(openai)
 
     tiny = sub.add_parser("make-tiny-model", help="write a random-weight HF checkpoint with a tokenizer")
     from pagedllm.tiny_model import add_cli_arguments
@@ -84,8 +93,28 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
+def _openai_frontend(args, server, model_dir):
+    """The OpenAI front end to start beside the server, or None with --openai-port 0."""
+    if not args.openai_port:
+        return None
+    from pagedllm.server.frontend import OpenAIFrontend
+
+    return OpenAIFrontend(triton_grpc_url=server.grpc_url, model_dir=str(model_dir), port=args.openai_port,
+                          served_model_name=args.served_model_name, api_key=args.api_key,
+                          metrics_url=server.metrics_url, log_path=None)
+
+
+def _ready_banner(args, model_dir, frontend) -> str:
+    lines = [f"\npagedllm: serving {model_dir}", f"  HTTP    http://0.0.0.0:{args.http_port}",
+             f"  gRPC    0.0.0.0:{args.grpc_port}", f"  metrics http://0.0.0.0:{args.metrics_port}/metrics"]
+    if frontend is not None:
+        lines.append(f"  OpenAI  http://0.0.0.0:{frontend.port}/v1")
+    return "\n".join(lines + ["  Ctrl-C stops the server."])
+
+
 def serve(args) -> int:
     from pagedllm.server import CheckpointError, LauncherError, ServerError, TritonServer, check_checkpoint
+    from pagedllm.server.process import port_is_free
 
     try:
         model_dir = check_checkpoint(args.model) if args.model else default_model_dir()
@@ -96,20 +125,25 @@ def serve(args) -> int:
     config = EngineConfig(model_dir=str(model_dir), **overrides)
     server = TritonServer(config, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, log_verbose=args.log_verbose, echo=True)
+    frontend = _openai_frontend(args, server, model_dir)
 
     def on_sigterm(signum, frame):  # docker stop / kill: leave through the same path as Ctrl-C
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
+        if frontend is not None and not port_is_free(frontend.port):  # before anything starts
+            raise LauncherError(f"port {frontend.port} (OpenAI API) already in use")
         server.start()
         server.wait_ready(args.ready_timeout)
-        print(f"\npagedllm: serving {model_dir}\n  HTTP    http://0.0.0.0:{args.http_port}\n"
-              f"  gRPC    0.0.0.0:{args.grpc_port}\n  metrics http://0.0.0.0:{args.metrics_port}/metrics\n"
-              "  Ctrl-C stops the server.", flush=True)
-        while server.poll() is None:
+        if frontend is not None:
+            frontend.start().wait_ready()
+        print(_ready_banner(args, model_dir, frontend), flush=True)
+        while server.poll() is None and (frontend is None or frontend.poll() is None):
             time.sleep(0.5)
-        return _fail(f"tritonserver exited with code {server.poll()} (log: {server.log_path})", 1)
+        if server.poll() is not None:
+            return _fail(f"tritonserver exited with code {server.poll()} (log: {server.log_path})", 1)
+        return _fail(f"the OpenAI front end exited with code {frontend.poll()}", 1)
     except KeyboardInterrupt:
         print("pagedllm: stopping the server", file=sys.stderr, flush=True)
         return 0
@@ -119,13 +153,20 @@ def serve(args) -> int:
         return _fail(str(e), 1)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if frontend is not None:
+            frontend.stop()
         server.stop()
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "openai":
+        from pagedllm.openai_api.server import main as openai_main
+
+        return openai_main(argv[1:])
     from pagedllm.tiny_model import from_cli_arguments
 
     print(from_cli_arguments(args))

@@ -197,6 +197,19 @@ class AsyncClient(ClientBase):
                                               option_kwargs)
         return AsyncChunkStream(lambda: self._open(inputs, True, timeout), with_logprobs)
 
+    async def is_ready(self, timeout: float = 5.0) -> bool:
+        """Whether the server answers and the model is ready (False rather than an error when unreachable)."""
+        try:
+            if self.protocol == "grpc":
+                return bool(await self._grpc_client().is_model_ready(self.model, client_timeout=timeout))
+            import aiohttp
+
+            url = self._endpoint.url(self.model, False).rsplit("/", 1)[0] + "/ready"
+            async with self._http_session().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                return r.status == 200
+        except Exception:  # unreachable, refused, timed out: not ready
+            return False
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()

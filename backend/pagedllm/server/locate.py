@@ -105,21 +105,29 @@ def prepare_backend_directory(runtime_dir: Path) -> tuple[Path, Path, list[Path]
     return binary, backends, lib_dirs
 
 
-def server_environment(lib_dirs: list[Path]) -> dict[str, str]:
-    """The server's environment; the stub inherits it. PAGEDLLM_* and everything else pass through."""
+def _prepend(env: dict[str, str], var: str, paths) -> None:
+    parts = [str(p) for p in paths] + [p for p in env.get(var, "").split(os.pathsep) if p]
+    env[var] = os.pathsep.join(dict.fromkeys(parts))  # keep order, drop duplicates
+
+
+def python_environment(extra_paths=()) -> dict[str, str]:
+    """The environment for our child processes (tritonserver's stubs, the OpenAI front end): PYTHONPATH starts
+    with the directories of `pagedllm` and, in a source checkout, `pagedllm_client` (a checkout works without
+    installing), then `extra_paths`. PAGEDLLM_* and everything else pass through."""
     env = dict(os.environ)
+    client_dir = _PACKAGE_DIR.parents[1] / "client"
+    packages = [_PACKAGE_DIR.parent] + ([client_dir] if client_dir.is_dir() else [])
+    _prepend(env, "PYTHONPATH", [*packages, *extra_paths])
+    env["PYTHONUNBUFFERED"] = "1"  # prints reach the logs as they happen
+    return env
 
-    def prepend(var: str, paths) -> None:
-        parts = [str(p) for p in paths] + [p for p in env.get(var, "").split(os.pathsep) if p]
-        env[var] = os.pathsep.join(dict.fromkeys(parts))  # keep order, drop duplicates
 
-    # The stub embeds libpython, whose sys.prefix is not this venv: give it this interpreter's site-packages
-    # and the directory holding `pagedllm` (a source checkout works without installing).
-    site_dirs = [p for p in site.getsitepackages() if Path(p).is_dir()]
-    prepend("PYTHONPATH", [_PACKAGE_DIR.parent, *site_dirs])
-    prepend("LD_LIBRARY_PATH", lib_dirs)
+def server_environment(lib_dirs: list[Path]) -> dict[str, str]:
+    """tritonserver's environment; the stub inherits it."""
+    # The stub embeds libpython, whose sys.prefix is not this venv: give it this interpreter's site-packages.
+    env = python_environment([p for p in site.getsitepackages() if Path(p).is_dir()])
+    _prepend(env, "LD_LIBRARY_PATH", lib_dirs)
     # With the venv's bin/ first on PATH the embedded interpreter finds `python3` there and its pyvenv.cfg,
     # so sys.prefix becomes the venv and its .pth files (editable installs) are processed too.
-    prepend("PATH", [Path(sys.executable).parent])
-    env["PYTHONUNBUFFERED"] = "1"  # model.py's prints reach the log as they happen
+    _prepend(env, "PATH", [Path(sys.executable).parent])
     return env

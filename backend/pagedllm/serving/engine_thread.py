@@ -12,6 +12,7 @@ import threading
 from typing import Callable
 
 from ..engine.engine import LLMEngine
+from ..errors import INTERNAL, server_error
 from ..engine.request import Request, StepOutput
 
 log = logging.getLogger("pagedllm")
@@ -47,7 +48,7 @@ class EngineThread:
             except Exception as e:  # whatever it is, it fails this request, not the thread
                 if not isinstance(e, ValueError):
                     log.exception("pagedllm: adding %s failed", arg.request_id)
-                self._on_error(arg.request_id, str(e))
+                self._on_error(arg.request_id, str(e) if isinstance(e, ValueError) else server_error(INTERNAL, str(e)))
             return []
         if kind == "abort":
             try:
@@ -81,7 +82,7 @@ class EngineThread:
                 log.exception("pagedllm: engine step failed")
                 for request_id in in_flight:
                     self._handle("abort", request_id)  # guarded: one that fails to free still gets its error
-                    self._on_error(request_id, f"internal error in the engine step: {e}")
+                    self._on_error(request_id, server_error(INTERNAL, f"the engine step failed: {e}"))
             try:  # callbacks (queue puts, metric IPC) must not end the thread that serves every request
                 if outputs:
                     self._on_outputs(outputs)

@@ -20,7 +20,7 @@ import triton_python_backend_utils as pb_utils
 
 from ..config import EngineConfig
 from ..engine.engine import LLMEngine
-from ..errors import InvalidRequest
+from ..errors import CANCELLED, INTERNAL, UNAVAILABLE, InvalidRequest, server_error
 from ..engine.request import StepOutput
 from .engine_thread import EngineThread
 from .request_parser import parse_request
@@ -135,7 +135,7 @@ class TritonPythonModel:
                 continue
             except Exception as e:  # not the request's fault (or not caught as such): it still ends, alone
                 log.exception("pagedllm: could not take a request")
-                _send_error(sender, f"internal error: {e}", pb_utils.TritonError.INTERNAL)
+                _send_error(sender, server_error(INTERNAL, str(e)), pb_utils.TritonError.INTERNAL)
                 continue
             state = _RequestState(sender, parsed.stream, parsed.exclude_input_in_output,
                                   set(request.requested_output_names()), time.monotonic())
@@ -186,7 +186,8 @@ class TritonPythonModel:
         if out.finished:
             del self._states[out.request_id]
             if out.finish_reason == "abort":
-                _guarded(_send_error, state.sender, "request cancelled", pb_utils.TritonError.CANCELLED)
+                _guarded(_send_error, state.sender, server_error(CANCELLED, "the request was cancelled"),
+                         pb_utils.TritonError.CANCELLED)
                 return
         if not state.stream and not out.finished:
             return  # a whole response goes out once, from the finished request
@@ -194,7 +195,7 @@ class TritonPythonModel:
             response = self._response(state, out)
         except Exception as e:  # a response that cannot be built ends the request, with an error
             log.exception("pagedllm: building a response for %s failed", out.request_id)
-            self._fail(out, state, f"building a response failed: {e}")
+            self._fail(out, state, server_error(INTERNAL, f"building a response failed: {e}"))
             return
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if out.finished else 0
         try:
@@ -202,7 +203,7 @@ class TritonPythonModel:
         except Exception as e:  # the client went away, or the response was refused: stop generating for it
             log.warning("pagedllm: sending to %s failed (%s); aborting it", out.request_id, e)
             if not out.finished:
-                self._fail(out, state, f"sending a response failed: {e}")
+                self._fail(out, state, server_error(INTERNAL, f"sending a response failed: {e}"))
 
     def _fail(self, out: StepOutput, state: _RequestState, message: str) -> None:
         """End a request whose output could not go out: stop it in the engine and send a final error, or a
@@ -251,7 +252,8 @@ class TritonPythonModel:
         self._sender_thread.join(5)
         states, self._states = list(self._states.values()), {}
         for state in states:
-            _guarded(_send_error, state.sender, "the model is being unloaded", pb_utils.TritonError.UNAVAILABLE)
+            _guarded(_send_error, state.sender, server_error(UNAVAILABLE, "the model is being unloaded"),
+                     pb_utils.TritonError.UNAVAILABLE)
 
 
 def _input(request, name: str):

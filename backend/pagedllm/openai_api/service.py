@@ -1,0 +1,153 @@
+"""Running an OpenAI request's generations on the `llm` model and shaping OpenAI's answers: one JSON body, or
+server-sent events (one chunk per engine step and choice, `data: [DONE]` last).
+
+Every generation is its own gRPC stream to Triton (pagedllm_client.AsyncClient). Whatever ends a request early
+(the client disconnecting, an error in a sibling choice) closes the streams still open, and closing a stream
+cancels its Triton request, whose KV blocks are then freed within a step.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable
+
+from pagedllm_client import AsyncClient, Chunk, PagedLLMError
+
+from ..errors import CANCELLED, INTERNAL, UNAVAILABLE, error_kind
+from .prompts import Generation
+
+# gRPC statuses (before any response) and the model's own error kinds -> HTTP statuses.
+_GRPC_STATUS = {"INVALID_ARGUMENT": 400, "UNAVAILABLE": 503, "NOT_FOUND": 503, "DEADLINE_EXCEEDED": 504,
+                "CANCELLED": 499}
+_KIND_STATUS = {INTERNAL: 500, UNAVAILABLE: 503, CANCELLED: 499}
+
+
+class APIError(Exception):
+    """An error for the client, in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def body(self) -> dict:
+        kind = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+                413: "invalid_request_error", 503: "service_unavailable"}.get(self.status, "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": None, "code": self.status}}
+
+
+def api_error(e: PagedLLMError) -> APIError:
+    kind = error_kind(e.message)
+    if kind is not None:
+        return APIError(_KIND_STATUS[kind], e.message)
+    if e.status is None:  # an error inside the stream that is not the server's: the request's fault
+        return APIError(400, e.message)
+    return APIError(_GRPC_STATUS.get(str(e.status), 500), e.message)
+
+
+@dataclass
+class Choice:
+    """One choice as it accumulates."""
+    index: int
+    echo: str = ""
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, chunk: Chunk) -> None:
+        self.text.append(chunk.text)
+        self.token_ids += chunk.token_ids
+        self.logprobs += chunk.logprobs or []
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+        self.prompt_tokens = chunk.num_input_tokens or self.prompt_tokens
+        self.completion_tokens = chunk.num_output_tokens
+
+
+def usage(choices: list[Choice], n: int) -> dict:
+    """OpenAI's usage: prompt tokens once per prompt (its n choices share it), every choice's completion tokens."""
+    prompt = sum(c.prompt_tokens for c in choices if c.index % n == 0)
+    completion = sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class Runner:
+    """Runs Generations on the `llm` model: `collect` for a whole answer, `stream` for chunks as they come."""
+
+    def __init__(self, client: AsyncClient, timeout: float | None = None):
+        self.client = client
+        self.timeout = timeout
+
+    async def _one(self, gen: Generation, on_chunk) -> None:
+        stream = self.client.generate_stream(**gen.prompt.client_kwargs(), options=gen.options,
+                                             timeout=self.timeout)
+        try:
+            async for chunk in stream:
+                on_chunk(gen.index, chunk)
+        except PagedLLMError as e:
+            raise api_error(e) from None
+        finally:
+            stream.close()  # cancels the Triton request if it is still running
+
+    async def collect(self, gens: list[Generation], disconnected: Awaitable[None]) -> list[Choice]:
+        """Every choice, whole. If the client disconnects first, every generation is cancelled."""
+        choices = {g.index: Choice(g.index) for g in gens}
+        work = asyncio.ensure_future(asyncio.gather(*(self._one(g, lambda i, c: choices[i].add(c))
+                                                      for g in gens)))
+        watcher = asyncio.ensure_future(disconnected)
+        try:
+            done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if work not in done:  # the client left: nobody to answer, and nothing left running for it
+                raise APIError(499, "the client disconnected")
+            work.result()
+        finally:
+            for task in (work, watcher):
+                task.cancel()
+            await asyncio.gather(work, watcher, return_exceptions=True)  # streams closed before we return
+        return [choices[g.index] for g in gens]
+
+    async def stream(self, gens: list[Generation]) -> AsyncIterator[tuple[int, Chunk]]:
+        """(choice index, chunk) in the order they arrive. Leaving the iteration early cancels the rest."""
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def run(gen: Generation) -> None:
+            try:
+                await self._one(gen, lambda i, c: queue.put_nowait((i, c)))
+            except BaseException as e:
+                queue.put_nowait((gen.index, e))
+                raise
+            queue.put_nowait((gen.index, done))
+
+        tasks = [asyncio.ensure_future(run(g)) for g in gens]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                index, item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def now() -> int:
+    return int(time.time())

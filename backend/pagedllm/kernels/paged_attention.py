@@ -134,6 +134,31 @@ def _attn_tiles(q, m_i, l_i, acc, k_base, v_base, bt_row, t_lo, t_hi, kv_len, q_
     return m_i, l_i, acc
 
 
+@triton.jit
+def _first_tile(q_start, b, BLOCK_Q: tl.constexpr):
+    """Number of sequence b's first q tile, whose queries start at row q_start: q_start // BLOCK_Q + b, the + b
+    leaving room for each earlier sequence's partial last tile (none with one query per tile)."""
+    if BLOCK_Q == 1:
+        return q_start
+    else:
+        return q_start // BLOCK_Q + b
+
+
+@triton.jit
+def _find_sequence(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence that owns q tile `tile`: the last b whose first tile is <= tile, by binary search over
+    query_start_loc (first tiles grow with b). Tiles past a sequence's last query map to that sequence."""
+    lo = tl.zeros([], tl.int32)
+    hi = tl.zeros([], tl.int32) + num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _first_tile(tl.load(qsl_ptr + mid), mid, BLOCK_Q) <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
 # The batch's shape (how many sequences, tiles, splits) changes every step: left unspecialised, so that one
 # compiled kernel serves every batch (Triton would otherwise compile again for ints equal to 1 or divisible by
 # 16, a stall of seconds in the middle of serving).
@@ -153,10 +178,10 @@ def _paged_attn_kernel(
     KV head: row r of the [BLOCK_M, HEAD_DIM_P] tile is token r // GROUP, head r % GROUP
     (rows from BLOCK_Q * GROUP on are padding), so decode (BLOCK_Q = 1) still feeds tl.dot 16+ rows.
     Tiles are numbered without a host-side table: sequence b's tiles start at
-    query_start_loc[b] // BLOCK_Q + b (+ b only when BLOCK_Q > 1: room for its partial last tile), and a
-    program finds its sequence by binary search over query_start_loc. Keys are visited TILE_N positions at
-    a time, each position looking up its own cache block (so TILE_N and BLOCK_SIZE are independent), with an
-    online softmax in fp32 (base 2: the scale is pre-multiplied by log2(e)).
+    query_start_loc[b] // BLOCK_Q + b (+ b only when BLOCK_Q > 1: room for its partial last tile;
+    `_first_tile`), and a program finds its sequence by binary search over query_start_loc (`_find_sequence`).
+    Keys are visited TILE_N positions at a time, each position looking up its own cache block (so TILE_N and
+    BLOCK_SIZE are independent), with an online softmax in fp32 (base 2: the scale is pre-multiplied by log2(e)).
     Programs take the q tiles last to first, KV heads fastest: a sequence's late queries see the most keys,
     so the longest programs start first and the short ones fill the tail (prefill; decode tiles are all alike).
     SPLIT: program_id(1) handles only its share of the key tiles and writes the unnormalised partial state
@@ -169,26 +194,10 @@ def _paged_attn_kernel(
     kvh = pid % num_kv_heads
     tile = num_q_tiles - 1 - pid // num_kv_heads
 
-    # --- which sequence owns this tile: last b with tile_start(b) <= tile --------------------------------
-    lo = tl.zeros([], tl.int32)
-    hi = tl.zeros([], tl.int32) + num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if BLOCK_Q == 1:
-            start = tl.load(qsl_ptr + mid)
-        else:
-            start = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
-        if start <= tile:
-            lo = mid + 1
-        else:
-            hi = mid
-    b = lo - 1
+    b = _find_sequence(qsl_ptr, tile, num_seqs, BLOCK_Q)
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
-    if BLOCK_Q == 1:
-        q_first = tile - q_start
-    else:
-        q_first = (tile - (q_start // BLOCK_Q + b)) * BLOCK_Q
+    q_first = (tile - _first_tile(q_start, b, BLOCK_Q)) * BLOCK_Q  # this tile's first query of the sequence
     if q_first >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + b)

@@ -9,6 +9,7 @@ block_tables[b, j] is the cache block holding positions j*block_size .. (j+1)*bl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -371,42 +372,88 @@ def _choose_tiles(*, group: int, head_dim_p: int, elem_bytes: int, decode: bool,
                   num_stages=default_stages if num_stages is None else num_stages)
 
 
-def _kv_split_count(sms: int, programs: int, max_seq_len: int, *, at_least: int) -> int:
-    """Splits per q tile: enough programs for ~2 waves over the SMs, each split keeping >= 256 keys, at most 64;
-    rounded down to a power of two so that few variants of the merge kernel (SPLITS_P) get compiled."""
-    want = max(at_least, min(triton.cdiv(2 * sms, max(programs, 1)), max_seq_len // 256, 64))
+def _kv_split_count(sms: int, programs: int, max_seq_len: int, *, at_least: int, at_most: int = 64) -> int:
+    """Splits per q tile: enough programs for ~2 waves over the SMs, each split keeping >= 256 keys, at most 64
+    (or at_most); rounded down to a power of two so that few variants of the merge kernel (SPLITS_P) get
+    compiled."""
+    want = max(at_least, min(triton.cdiv(2 * sms, max(programs, 1)), max_seq_len // 256, at_most))
     return 1 << (want.bit_length() - 1)
 
 
 def _choose_split(split_kv: bool | None, num_splits: int | None, *, decode: bool, device: torch.device,
-                  sm_count: int | None, programs: int, max_seq_len: int, tile_n: int) -> tuple[bool, int]:
+                  sm_count: int | None, programs: int, max_seq_len: int, tile_n: int,
+                  max_splits: int = 64) -> tuple[bool, int]:
     """(split the key range or not, number of splits). Auto (split_kv None, num_splits None) splits a CUDA
     decode step whose programs (batch x kv_heads) leave SMs idle and whose context has >= 4 key tiles to share;
-    split_kv=True with num_splits None sizes the split the same way (at least 2)."""
+    split_kv=True with num_splits None sizes the split the same way (at least 2). A count chosen here stays
+    within max_splits (what a workspace holds); a count the caller gives is taken as it is."""
     if split_kv is None:
         if not (decode and device.type == "cuda" and num_splits is None):
             return False, 1
         sms = sm_count or _sm_count(device)
         if programs >= sms or max_seq_len < 4 * tile_n:
             return False, 1
-        n = _kv_split_count(sms, programs, max_seq_len, at_least=1)
+        n = _kv_split_count(sms, programs, max_seq_len, at_least=1, at_most=max_splits)
         return n >= 2, n
     if not split_kv:
         return False, 1
     if num_splits is None:
         sms = sm_count or (_sm_count(device) if device.type == "cuda" else 8)
-        num_splits = _kv_split_count(sms, programs, max_seq_len, at_least=2)
+        num_splits = _kv_split_count(sms, programs, max_seq_len, at_least=2, at_most=max_splits)
     return True, num_splits
 
 
-def _split_partials(num_tokens: int, num_heads: int, num_splits: int, head_dim_p: int, device: torch.device):
-    """fp32 scratch for the split-KV partial states, one row per (token, head, split): running max m, sum l,
-    and the head_dim_p-wide accumulator."""
-    rows = num_tokens * num_heads * num_splits
+class SplitKVWorkspace(NamedTuple):
+    """Scratch for the split-KV partial states, made once (`make_split_kv_workspace`) and passed to every
+    `paged_attention_triton(..., workspace=)` call, so that a split step allocates nothing: CUDA-graph capture
+    needs every buffer of the captured region made beforehand. All fp32, flat and contiguous, one row per
+    (token, head, split) of a launch: part_m the running max, part_l the running sum, part_acc the accumulator
+    (head_dim_p = the head dim padded to a power of two >= 16, values per row). A launch uses the first rows of
+    each, so one workspace serves every step up to its size. A plain (part_m, part_l, part_acc) tuple works too.
+    """
+    part_m: torch.Tensor
+    part_l: torch.Tensor
+    part_acc: torch.Tensor
+
+
+def make_split_kv_workspace(max_tokens: int, num_heads: int, head_dim: int, max_splits: int,
+                            device: torch.device | str) -> SplitKVWorkspace:
+    """A workspace for launches of up to max_tokens query tokens x num_heads heads x max_splits splits at this
+    head dim (the splits of a launch are its num_splits; pin them with split_kv=True, num_splits=)."""
+    rows = max_tokens * num_heads * max_splits
     part_m = torch.empty(rows, dtype=torch.float32, device=device)
-    part_l = torch.empty_like(part_m)
-    part_acc = torch.empty(rows * head_dim_p, dtype=torch.float32, device=device)
-    return part_m, part_l, part_acc
+    part_acc = torch.empty(rows * _padded_head_dim(head_dim), dtype=torch.float32, device=device)
+    return SplitKVWorkspace(part_m, torch.empty_like(part_m), part_acc)
+
+
+def _workspace_rows(workspace, head_dim_p: int, device: torch.device) -> int:
+    """How many (token, head, split) rows the workspace holds at this padded head dim; ValueError for one the
+    kernels cannot use."""
+    part_m, part_l, part_acc = workspace
+    for name, t in (("part_m", part_m), ("part_l", part_l), ("part_acc", part_acc)):
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.device != device:
+            raise ValueError(f"split-KV workspace {name} must be a contiguous float32 tensor on {device}, got "
+                             f"{t.dtype} on {t.device}{'' if t.is_contiguous() else ', not contiguous'}")
+    return min(part_m.numel(), part_l.numel(), part_acc.numel() // head_dim_p)
+
+
+def _split_partials(num_tokens: int, num_heads: int, num_splits: int, head_dim_p: int, device: torch.device,
+                    workspace=None):
+    """fp32 scratch for the split-KV partial states, one row per (token, head, split): running max m, sum l,
+    and the head_dim_p-wide accumulator; views of the workspace's first rows when there is one."""
+    rows = num_tokens * num_heads * num_splits
+    if workspace is None:
+        part_m = torch.empty(rows, dtype=torch.float32, device=device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(rows * head_dim_p, dtype=torch.float32, device=device)
+        return part_m, part_l, part_acc
+    held = _workspace_rows(workspace, head_dim_p, device)
+    if rows > held:
+        raise ValueError(f"the split-KV workspace is too small: this launch needs {num_tokens} tokens x {num_heads} "
+                         f"heads x {num_splits} splits = {rows} rows of {head_dim_p} values, the workspace holds "
+                         f"{held}; make a bigger one with make_split_kv_workspace (or launch fewer splits)")
+    part_m, part_l, part_acc = workspace
+    return part_m.view(-1)[:rows], part_l.view(-1)[:rows], part_acc.view(-1)[:rows * head_dim_p]
 
 
 def _attention_launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, partials, scale,
@@ -444,8 +491,8 @@ def _merge_launch(out, partials, num_splits: int) -> Launch:
 
 def _plan_paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, *,
                           max_query_len=None, max_seq_len=None, split_kv=None, num_splits=None,
-                          block_m=None, tile_n=None, num_warps=None, num_stages=None, out=None, sm_count=None,
-                          smem=None):
+                          block_m=None, tile_n=None, num_warps=None, num_stages=None, out=None, workspace=None,
+                          sm_count=None, smem=None):
     """(launches, out) for `paged_attention_triton`; sm_count / smem stand in for the device's limits (the
     compile tests plan on `meta` tensors)."""
     _check_inputs(q, k_cache, v_cache, query_start_loc, seq_lens)
@@ -466,14 +513,17 @@ def _plan_paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, se
                           tile_n=tile_n, num_warps=num_warps, num_stages=num_stages)
     if max_seq_len is None:  # an upper bound, free of host syncs
         max_seq_len = block_tables.shape[1] * block_size
+    max_splits = 64
+    if workspace is not None:  # a split count the planner picks stays within the workspace
+        max_splits = min(max_splits, _workspace_rows(workspace, head_dim_p, q.device) // max(num_tokens * num_heads, 1))
     split, num_splits = _choose_split(split_kv, num_splits, decode=decode, device=q.device, sm_count=sm_count,
                                       programs=num_seqs * num_kv_heads, max_seq_len=max_seq_len,
-                                      tile_n=tiles.tile_n)
+                                      tile_n=tiles.tile_n, max_splits=max_splits)
 
     if out is None:
         out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     if split:
-        partials = _split_partials(num_tokens, num_heads, num_splits, head_dim_p, q.device)
+        partials = _split_partials(num_tokens, num_heads, num_splits, head_dim_p, q.device, workspace)
     else:
         partials = (out, out, out)  # not read: the kernel writes out directly
     launches = [_attention_launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, partials,
@@ -488,7 +538,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            scale: float, *, max_query_len: int | None = None, max_seq_len: int | None = None,
                            split_kv: bool | None = None, num_splits: int | None = None,
                            block_m: int | None = None, tile_n: int | None = None, num_warps: int | None = None,
-                           num_stages: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                           num_stages: int | None = None, out: torch.Tensor | None = None,
+                           workspace: SplitKVWorkspace | None = None) -> torch.Tensor:
     """Triton version of `paged_attention_torch` (same arguments and result), with no host sync.
 
     Extra keyword arguments (all optional):
@@ -496,16 +547,22 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
       (one token x the GQA group per program); without it, T == len(seq_lens) is taken to mean all-decode
       (every scheduled sequence has >= 1 query). max_seq_len sizes the split-KV partition (default: the
       block table's capacity). Results never depend on them, only the launch shape does.
-    - split_kv: None = auto (CUDA decode whose batch x kv_heads is below the SM count), True / False force it;
-      num_splits overrides the number of KV splits.
+    - split_kv: None = auto (CUDA decode whose batch x kv_heads is below the SM count), True / False force it.
+      num_splits: the number of KV splits of a split launch (default: sized from the SM count and
+      max_seq_len); given with split_kv=None, it turns the auto split off.
     - block_m, tile_n: tile overrides (rows of the q tile, a power of two >= the GQA group; keys per step);
       num_warps, num_stages: launch overrides (bench/kernels.py --tune sweeps all four).
     - out: a [T, H, D] tensor to write into.
+    - workspace: a `SplitKVWorkspace` (`make_split_kv_workspace`) that a split launch takes its fp32 scratch
+      from instead of allocating it; ValueError when the launch needs more rows than it holds. A split count
+      the planner picks stays within it.
+    With out and workspace given nothing is allocated. For CUDA-graph capture also fix the launch: split_kv=False,
+    or split_kv=True with num_splits=N (auto and the default count follow max_seq_len, which changes per step).
     q may be a strided view (unit stride in the last dim). query_start_loc, seq_lens, block_tables: int32.
     """
     launches, out = _plan_paged_attention(
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len=max_query_len,
         max_seq_len=max_seq_len, split_kv=split_kv, num_splits=num_splits, block_m=block_m, tile_n=tile_n,
-        num_warps=num_warps, num_stages=num_stages, out=out)
+        num_warps=num_warps, num_stages=num_stages, out=out, workspace=workspace)
     run(launches, q.device)
     return out

@@ -10,14 +10,11 @@ Run as a script (`TRITON_INTERPRET=0 python test_attention_plan.py`) it prints t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 SM90 = dict(sm_count=132, smem=232448)
 
 # id: (dtype, group, T, B, max_query_len, extra planner arguments); 8 KV heads, head dim 128, block size 16,
@@ -255,10 +252,8 @@ def test_split_choice_follows_the_caller():
 
 
 @pytest.fixture(scope="module", params=["gpu", "interpreter"])
-def planned(request):
-    env = dict(os.environ, TRITON_INTERPRET="0" if request.param == "gpu" else "1")
-    # this checkout's package first (an editable install of another checkout may be on sys.path too)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "backend"), env.get("PYTHONPATH", "")])
+def planned(request, subprocess_env):
+    env = dict(subprocess_env, TRITON_INTERPRET="0" if request.param == "gpu" else "1")
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return request.param, json.loads(proc.stdout)

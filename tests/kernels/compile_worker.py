@@ -34,8 +34,9 @@ _OPS += [
     ("rms_norm", dict(dtype="bfloat16", hidden=4096, residual=True)),
     ("rms_norm", dict(dtype="float16", hidden=8192, residual=False)),
     ("silu_and_mul", dict(dtype="bfloat16", inter=14336)),
-    ("rope_kv", dict(dtype="float16", head_dim=128, heads=32, kv_heads=8)),
-    ("rope_kv", dict(dtype="bfloat16", head_dim=80, heads=24, kv_heads=8)),
+    # positions and slot_mapping: int32 as the engine passes them, int64 as the op also takes them
+    ("rope_kv", dict(dtype="float16", head_dim=128, heads=32, kv_heads=8, index="int32")),
+    ("rope_kv", dict(dtype="bfloat16", head_dim=80, heads=24, kv_heads=8, index="int64")),
     ("sample", dict(vocab=128256)),
 ]
 _SHORT = {"head_dim": "d", "group": "g", "block_size": "bs", "hidden": "h", "inter": "i", "heads": "h",
@@ -95,9 +96,10 @@ def build(op, p, cc=90):
         qkv = torch.empty(16, (H + 2 * KVH) * D, dtype=dt, device=M)
         q, k, v = (t.view(16, -1, D) for t in qkv.split([H * D, KVH * D, KVH * D], dim=-1))
         cache = torch.empty(100, 16, KVH, D, dtype=dt, device=M)
-        return _plan_rope_and_write_kv(q, k, v, torch.empty(16, dtype=i64, device=M),
+        index = getattr(torch, p["index"])
+        return _plan_rope_and_write_kv(q, k, v, torch.empty(16, dtype=index, device=M),
                                        torch.empty(8192, D, device=M), cache, torch.empty_like(cache),
-                                       torch.empty(16, dtype=i64, device=M))
+                                       torch.empty(16, dtype=index, device=M))
     if op == "sample":
         from pagedllm.kernels.sampling import _plan_sample
 

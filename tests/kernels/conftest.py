@@ -5,7 +5,7 @@ triton have been imported earlier without it, the tests that run kernels fail an
 pagedllm.kernels itself turns the interpreter on for CPU-only torch builds.
 
 The compile tests (test_compile.py) need real JITFunctions, so they compile in subprocesses run with
-TRITON_INTERPRET=0.
+TRITON_INTERPRET=0. Subprocesses get `subprocess_env`, which puts this checkout's package first.
 """
 from __future__ import annotations
 
@@ -32,6 +32,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _HERE in Path(str(item.fspath)).resolve().parents:
             item.add_marker(quiet)
+
+
+@pytest.fixture(scope="session")
+def subprocess_env() -> dict:
+    """os.environ for a Python subprocess, with this checkout's backend/ first on PYTHONPATH: the tests' own
+    process finds it through tests/conftest.py, a subprocess would otherwise import whichever pagedllm is
+    installed (an editable install of another checkout or worktree, say) and test that one."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_HERE.parents[1] / "backend"), env.get("PYTHONPATH")]))
+    return env
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +9,9 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "kernels.py"
 
 
-def test_bench_smoke(tmp_path):
-    env = dict(os.environ)
-    proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--tune", "--out", str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=300)
+def test_bench_smoke(tmp_path, subprocess_env):
+    proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--tune", "--out", str(tmp_path)],
+                          env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "kernels.json").read_text())
     ops = {r["op"] for r in data["results"]}

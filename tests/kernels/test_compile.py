@@ -24,11 +24,11 @@ _spec.loader.exec_module(worker)
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
+def compiled(tmp_path_factory, subprocess_env):
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.fail("this triton build has no NVIDIA backend: the sm_80/sm_90 compile checks cannot run")
     tmp = tmp_path_factory.mktemp("compile")
-    env = dict(os.environ, TRITON_INTERPRET="0")  # "0", not unset: unset means "on" for CPU-only torch builds
+    env = dict(subprocess_env, TRITON_INTERPRET="0")  # "0", not unset: unset means "on" for CPU-only torch builds
     env["TRITON_CACHE_DIR"] = str(tmp / "cache")
     ids = list(worker.CASES)
     n_proc = max(1, min(2, os.cpu_count() or 1))

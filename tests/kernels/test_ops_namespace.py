@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import inspect
-import os
 import subprocess
 import sys
 import textwrap
@@ -28,8 +27,8 @@ def test_same_names_and_signatures():
             assert p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
 
 
-def _run_py(code, **env_changes):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _run_py(base_env, code, **env_changes):
+    env = {k: v for k, v in base_env.items() if k != "TRITON_INTERPRET"}
     env.update(env_changes)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
                           timeout=120)
@@ -37,10 +36,10 @@ def _run_py(code, **env_changes):
 
 @pytest.mark.skipif(torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None,
                     reason="only CPU-only torch builds turn the interpreter on by themselves")
-def test_cpu_only_build_enables_interpreter_on_import():
+def test_cpu_only_build_enables_interpreter_on_import(subprocess_env):
     """With TRITON_INTERPRET unset, importing the kernels on a CPU-only torch build turns the interpreter on
     (before triton loads), so the Triton ops run on CPU tensors whatever imported pagedllm.kernels first."""
-    proc = _run_py("""
+    proc = _run_py(subprocess_env, """
         import os, torch
         from pagedllm.kernels import rms_norm as m
         assert os.environ["TRITON_INTERPRET"] == "1"
@@ -51,8 +50,8 @@ def test_cpu_only_build_enables_interpreter_on_import():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
-def test_cpu_tensors_without_interpreter_raise_a_clear_error():
-    proc = _run_py("""
+def test_cpu_tensors_without_interpreter_raise_a_clear_error(subprocess_env):
+    proc = _run_py(subprocess_env, """
         import torch
         from pagedllm.kernels import rms_norm as m
         try:

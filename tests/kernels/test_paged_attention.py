@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedllm.kernels.paged_attention import paged_attention_torch, paged_attention_triton
+from pagedllm.kernels.paged_attention import (_plan_paged_attention, make_split_kv_workspace, paged_attention_torch,
+                                              paged_attention_triton)
 
 TOL = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -95,6 +96,92 @@ def test_split_kv_equals_unsplit(device):
     a = paged_attention_triton(q, kc, vc, bt, qsl, sl, 0.125, split_kv=False)
     b = paged_attention_triton(q, kc, vc, bt, qsl, sl, 0.125, split_kv=True, num_splits=5)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+WORKSPACE_CASES = [  # id, dtype, heads, kv_heads, head_dim, block_size, q_lens, seq_lens
+    ("decode-g3-d80-fp16", F16, 6, 2, 80, 16, [1, 1, 1], [70, 5, 33]),
+    ("mixed-g1-d96-fp32", F32, 5, 5, 96, 32, [4, 1, 7], [20, 33, 7]),
+]
+
+
+@pytest.mark.parametrize("num_splits, spare_tokens, spare_splits", [(2, 3, 1), (4, 0, 0)],
+                         ids=["2-splits-roomy", "4-splits-exact"])
+@pytest.mark.parametrize("case", WORKSPACE_CASES, ids=[c[0] for c in WORKSPACE_CASES])
+def test_split_kv_workspace_matches_fresh_scratch(case, num_splits, spare_tokens, spare_splits, device):
+    """Split-KV partials in a preallocated workspace (bigger than the launch, or just its size; NaN left over from
+    before) give exactly the results of freshly allocated scratch, and again when the workspace is reused."""
+    _, dtype, H, KVH, D, BS, q_lens, seq_lens = case
+    q, kc, vc, bt, qsl, sl = _make_case(device, dtype, H, KVH, D, BS, q_lens, seq_lens, seed=7)
+    ws = make_split_kv_workspace(q.shape[0] + spare_tokens, H, D, num_splits + spare_splits, device)
+    for t in ws:
+        t.fill_(float("nan"))
+    kw = dict(split_kv=True, num_splits=num_splits, max_query_len=max(q_lens), max_seq_len=max(seq_lens))
+    fresh = paged_attention_triton(q, kc, vc, bt, qsl, sl, D ** -0.5, **kw)
+    got = paged_attention_triton(q, kc, vc, bt, qsl, sl, D ** -0.5, workspace=ws, **kw)
+    again = paged_attention_triton(q, kc, vc, bt, qsl, sl, D ** -0.5, workspace=ws, **kw)
+    assert not torch.isnan(fresh).any()
+    assert torch.equal(got, fresh) and torch.equal(again, fresh)
+
+
+def _meta_decode(T=3, H=8, KVH=2, D=80, dtype=F16):
+    """Planner inputs for a T-sequence decode step on `meta` tensors (nothing runs)."""
+    m, i32 = "meta", torch.int32
+    kc = torch.empty(100, 16, KVH, D, dtype=dtype, device=m)
+    return (torch.empty(T, H, D, dtype=dtype, device=m), kc, torch.empty_like(kc),
+            torch.empty(T, 64, dtype=i32, device=m), torch.empty(T + 1, dtype=i32, device=m),
+            torch.empty(T, dtype=i32, device=m), D ** -0.5)
+
+
+def test_split_kv_workspace_too_small_is_refused():
+    args = _meta_decode(T=3, H=8, D=80)
+    hints = dict(max_query_len=1, max_seq_len=1024, split_kv=True)
+    with pytest.raises(ValueError, match="workspace is too small.*3 tokens x 8 heads x 4 splits"):
+        _plan_paged_attention(*args, num_splits=4, workspace=make_split_kv_workspace(3, 8, 80, 2, "meta"), **hints)
+    with pytest.raises(ValueError, match="workspace is too small"):
+        _plan_paged_attention(*args, num_splits=2, workspace=make_split_kv_workspace(2, 8, 80, 2, "meta"), **hints)
+    with pytest.raises(ValueError, match="workspace is too small"):  # sized for head dim 64: rows of 64, not 128
+        _plan_paged_attention(*args, num_splits=2, workspace=make_split_kv_workspace(3, 8, 64, 2, "meta"), **hints)
+    half = make_split_kv_workspace(3, 8, 80, 2, "meta")._replace(part_l=torch.empty(24, device="meta"))
+    with pytest.raises(ValueError, match="workspace is too small"):
+        _plan_paged_attention(*args, num_splits=2, workspace=half, **hints)
+    fp16 = tuple(t.half() for t in make_split_kv_workspace(3, 8, 80, 2, "meta"))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        _plan_paged_attention(*args, num_splits=2, workspace=fp16, **hints)
+    with pytest.raises(ValueError, match="workspace is too small"):  # through the op too, before any launch
+        q, kc, vc, bt, qsl, sl = _make_case(torch.device("cpu"), F32, 4, 2, 64, 16, [1, 1], [20, 30])
+        paged_attention_triton(q, kc, vc, bt, qsl, sl, 0.125, split_kv=True, num_splits=2,
+                               workspace=make_split_kv_workspace(1, 4, 64, 2, "cpu"))
+
+
+def test_split_count_chosen_by_the_planner_fits_the_workspace():
+    """Forced split_kv without num_splits sizes the split from the SMs (16 here), but within the workspace."""
+    args = _meta_decode(T=4, H=8, KVH=2, D=128)
+    kw = dict(max_query_len=1, max_seq_len=4096, split_kv=True, sm_count=132, smem=232448)
+    assert _plan_paged_attention(*args, **kw)[0][0].args["num_splits"] == 16
+    ws = make_split_kv_workspace(4, 8, 128, 3, "meta")
+    assert _plan_paged_attention(*args, workspace=ws, **kw)[0][0].args["num_splits"] == 2
+
+
+@pytest.mark.parametrize("split_kv", [True, False])
+def test_decode_with_out_and_workspace_allocates_nothing(split_kv, monkeypatch):
+    """What CUDA-graph capture needs: with out= and workspace= the planner makes no tensor."""
+    args = _meta_decode(T=3, H=8, D=80)
+    out = torch.empty(3, 8, 80, dtype=F16, device="meta")
+    ws = make_split_kv_workspace(3, 8, 80, 4, "meta")
+
+    def refuse(*a, **k):
+        raise AssertionError("allocated a tensor")
+
+    for name in ("empty", "empty_like", "empty_strided", "zeros", "zeros_like", "full", "full_like"):
+        monkeypatch.setattr(torch, name, refuse)
+    launches, got = _plan_paged_attention(*args, max_query_len=1, max_seq_len=1024, split_kv=split_kv,
+                                          num_splits=4, out=out, workspace=ws, sm_count=132, smem=232448)
+    monkeypatch.undo()
+    assert got is out and len(launches) == (2 if split_kv else 1)
+    if split_kv:  # the partials are the workspace's first rows
+        for name, held in zip(("part_m_ptr", "part_l_ptr", "part_acc_ptr"), ws):
+            assert launches[0].args[name]._base is held and launches[1].args[name]._base is held
+        assert launches[0].args["part_m_ptr"].numel() == 3 * 8 * 4
 
 
 def test_returns_fresh_tensor_and_leaves_inputs(device):

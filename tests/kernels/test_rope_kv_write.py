@@ -14,12 +14,14 @@ from pagedllm.kernels.rope_kv_write import rope_and_write_kv_triton
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
-CASES = [  # dtype, tokens, heads, kv_heads, head_dim, block_size
-    (F16, 7, 6, 2, 80, 16),
-    (BF16, 9, 8, 2, 64, 32),
-    (F32, 5, 5, 5, 64, 16),
-    (F16, 3, 4, 2, 96, 32),
-    (BF16, 4, 4, 1, 128, 16),
+I32, I64 = torch.int32, torch.int64
+
+CASES = [  # dtype, tokens, heads, kv_heads, head_dim, block_size, positions / slot_mapping dtype (engine: int32)
+    (F16, 7, 6, 2, 80, 16, I32),
+    (BF16, 9, 8, 2, 64, 32, I64),
+    (F32, 5, 5, 5, 64, 16, I32),
+    (F16, 3, 4, 2, 96, 32, I64),
+    (BF16, 4, 4, 1, 128, 16, I32),
 ]
 
 
@@ -38,20 +40,21 @@ def _rope64(x, positions, cos_sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{str(c[0])[6:]}-T{c[1]}-h{c[2]}-kv{c[3]}-d{c[4]}-bs{c[5]}")
+@pytest.mark.parametrize("case", CASES,
+                         ids=lambda c: f"{str(c[0])[6:]}-T{c[1]}-h{c[2]}-kv{c[3]}-d{c[4]}-bs{c[5]}-{str(c[6])[6:]}")
 def test_rope_and_write_kv(case, device):
-    dtype, T, H, KVH, D, BS = case
+    dtype, T, H, KVH, D, BS, index = case
     g = torch.Generator().manual_seed(T * D)
     NB = 4
     qkv = torch.randn(T, (H + 2 * KVH) * D, generator=g).to(dtype).to(device)
     q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, KVH * D, KVH * D], dim=-1))  # strided views
     q0, k0, v0 = q.clone(), k.clone(), v.clone()
-    positions = torch.randint(0, 3000, (T,), generator=g).to(device)
+    positions = torch.randint(0, 3000, (T,), generator=g).to(device, index)
     cos_sin = _cos_sin(3000, D).to(device)
     slots = torch.randperm(NB * BS, generator=g)[:T]
     slots[1] = -1
     slots[T - 1] = -5
-    slots = slots.to(device)
+    slots = slots.to(device, index)
     k_cache = torch.full((NB, BS, KVH, D), float("nan"), dtype=dtype, device=device)
     v_cache = torch.full_like(k_cache, float("nan"))
 

@@ -2,6 +2,10 @@
 
 `get_ops("torch" | "triton")` returns the set the model runs with. Matrix multiplies are not here: they stay
 with torch (cuBLAS), which already runs them near peak.
+
+Importing this package imports triton (a dependency): every op's module defines its Triton kernel beside the
+reference, so even the torch set loads it. On a CPU-only torch build `_triton_util` turns Triton's interpreter
+on first (TRITON_INTERPRET=1, unless set), so that the Triton set runs on CPU tensors.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from .paged_attention import paged_attention_torch
 from .rms_norm import rms_norm_torch
 from .rope_kv_write import rope_and_write_kv_torch
 from .sampling import sample_torch
+from .triton_ops import TRITON_OPS
 
 TORCH_OPS = SimpleNamespace(
     name="torch",
@@ -27,7 +32,5 @@ def get_ops(kind: str) -> SimpleNamespace:
     if kind == "torch":
         return TORCH_OPS
     if kind == "triton":
-        from . import triton_ops  # imported lazily: triton is only needed when asked for
-
-        return triton_ops.TRITON_OPS
+        return TRITON_OPS
     raise ValueError(f"kernels must be 'triton' or 'torch', got {kind!r}")

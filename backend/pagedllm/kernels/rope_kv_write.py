@@ -2,11 +2,12 @@
 
 Layouts used everywhere in pagedllm:
 - q: [T, num_heads, head_dim], k and v: [T, num_kv_heads, head_dim] (T = tokens of this step, all sequences)
-- positions: [T] int64, the token's position in its sequence
+- positions: [T] int32 (what the engine passes; int64 works too), the token's position in its sequence
 - cos_sin: [max_positions, head_dim] float32, cos in the first half of the last dim, sin in the second
   (neox / HF `rotate_half` style: dims i and i + head_dim/2 rotate together)
 - k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
-- slot_mapping: [T] int64, block * block_size + offset of the token's cache slot; negative = padding, skipped
+- slot_mapping: [T] int32 like positions (int64 works too), block * block_size + offset of the token's cache
+  slot; negative = padding, skipped. The kernel widens it to int64 before computing cache offsets.
 """
 from __future__ import annotations
 
@@ -146,7 +147,7 @@ def rope_and_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     into the cache (negative slots skipped; their q and k are still rotated, like the reference).
 
     q [T, H, D], k and v [T, KVH, D] may be strided views (e.g. slices of a fused qkv projection) but need a
-    unit stride in the last dim; positions and slot_mapping are int64 [T] (int32 works too); cos_sin is
+    unit stride in the last dim; positions and slot_mapping are int32 [T] (int64 works too); cos_sin is
     float32 [max_pos, D]; k_cache and v_cache share shape and strides, [num_blocks, block_size, KVH, D].
     """
     run(_plan_rope_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping), q.device)

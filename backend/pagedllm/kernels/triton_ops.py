@@ -1,8 +1,9 @@
 """The Triton-language implementations of the hot ops, with the same names and signatures as TORCH_OPS.
 
 Each kernel lives beside its PyTorch reference (rms_norm.py, activation.py, rope_kv_write.py,
-paged_attention.py, sampling.py); this module only assembles them. `paged_attention` also takes the
-optional keywords max_query_len / max_seq_len (host ints, so that no .item() is needed) and split_kv.
+paged_attention.py, sampling.py); this module only assembles them. `paged_attention` also takes optional
+keywords: max_query_len / max_seq_len (host ints, so that no .item() is needed), the split-KV controls
+(split_kv, num_splits, workspace from `paged_attention.make_split_kv_workspace`), out, and tile overrides.
 On CPU tensors the kernels run in Triton's interpreter (slow; meant for tests).
 """
 from __future__ import annotations

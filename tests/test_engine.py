@@ -231,3 +231,13 @@ def test_bfloat16_on_cpu_runs_the_whole_loop(llama):
     assert len(got) == 8 and all(0 <= t < engine.spec.vocab_size for t in got)
     ref = hf_greedy(llama, ids=prompts(seed=12)[4], max_new_tokens=8)
     assert got[0] == ref[0]  # the first token's margin is wide enough to survive bf16
+
+
+def test_step_outputs_are_snapshots_the_engine_does_not_change_later(llama):
+    """StepOutputs are read on other threads while the engine goes on (the Triton model's sender thread): a
+    count or finish reason read live off the request made an early streamed response claim to be the last."""
+    engine = make_engine(llama)
+    engine.add(engine.make_request("r", GREEDY, prompt_token_ids=prompts()[2]))
+    outs = run_to_completion(engine)["r"]
+    assert [o.num_output_tokens for o in outs] == list(range(1, MAX_TOKENS + 1))
+    assert [o.finish_reason for o in outs] == [None] * (MAX_TOKENS - 1) + ["length"]

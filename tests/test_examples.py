@@ -48,3 +48,12 @@ def test_three_chats_at_once(llm_server):
     for i, question in enumerate(["Tell me about the sea.", "Write a line about mountains.", "What do foxes eat?"]):
         assert lines[2 * i] == f"[{i}] {question}"
         assert lines[2 * i + 1] == f"    -> {expected_text(llm_server, question, 8)!r}"
+
+
+def test_the_seeds_online_client_over_the_openai_api(llm_server, openai_server):
+    for stream in ([], ["--stream"]):
+        proc = subprocess.run([sys.executable, str(ROOT / "examples" / "openai_prompt_embeds.py"), "--model-dir",
+                               str(llm_server.model_dir), "--base-url", f"{openai_server.url}/v1", "--max-tokens",
+                               "10", *stream], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == expected_text(llm_server, "Tell me about the sea.", 10) + "\n"

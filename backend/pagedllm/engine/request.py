@@ -14,30 +14,26 @@ from ..stop_strings import StopStringFilter
 from .sequence import Sequence
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepOutput:
-    """What one step added to one request."""
+    """What one step added to one request. A snapshot: it is read on other threads (the Triton model's sender)
+    while the engine goes on with the request; only once finished is the request itself (its whole output)
+    safe to read there."""
     request: "Request"
     new_token_ids: list[int]
     new_text: str  # "" when the checkpoint has no tokenizer
     new_logprobs: list[float] | None  # with return_logprobs: one per new token
-    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    num_prompt_tokens: int
+    num_output_tokens: int
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
 
     @property
-    def finish_reason(self) -> str | None:  # "stop" | "length" | "abort" once finished
-        return self.request.finish_reason
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return self.request.seq.num_prompt_tokens
-
-    @property
-    def num_output_tokens(self) -> int:
-        return self.request.seq.num_output_tokens
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 class Request:
@@ -87,11 +83,16 @@ class Request:
         if self.logprobs is not None and logprob is not None:
             self.logprobs.append(logprob)
             new_logprobs = [logprob]
-        return StepOutput(self, [token], text, new_logprobs, finished=reason is not None)
+        return self._output([token], text, new_logprobs)
 
     def on_abort(self) -> StepOutput:
         self.seq.finish_reason = "abort"
-        return StepOutput(self, [], "", None, finished=True)
+        return self._output([], "", None)
+
+    def _output(self, token_ids: list[int], text: str, logprobs: list[float] | None) -> StepOutput:
+        seq = self.seq
+        return StepOutput(self, token_ids, text, logprobs, seq.finish_reason, seq.num_prompt_tokens,
+                          seq.num_output_tokens)
 
     @property
     def _may_stop(self) -> bool:

@@ -46,9 +46,10 @@ class OpenAIFrontend:
                                         preexec_fn=_die_with_parent)
         return self
 
-    def wait_ready(self, timeout: float = 120.0) -> "OpenAIFrontend":
+    def wait_ready(self, timeout: float = 120.0, healthy: bool = True) -> "OpenAIFrontend":
+        """Until /health says 200 (Triton's model is ready too); healthy=False: until it answers at all."""
         deadline = time.monotonic() + timeout
-        while not self._healthy():
+        while (status := self._health()) is None or (healthy and status != 200):
             if self.process.poll() is not None:
                 raise LauncherError(f"the OpenAI front end exited with code {self.process.returncode}"
                                     + (f" (log: {self.log_path})" if self.log_path else ""))
@@ -57,12 +58,15 @@ class OpenAIFrontend:
             time.sleep(0.2)
         return self
 
-    def _healthy(self) -> bool:
+    def _health(self) -> int | None:
+        """/health's status, or None when nothing answers."""
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                return r.status == 200
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
         except (urllib.error.URLError, OSError):
-            return False
+            return None
 
     def poll(self) -> int | None:
         return None if self.process is None else self.process.poll()

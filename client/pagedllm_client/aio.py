@@ -32,9 +32,13 @@ def _aiohttp_io_errors() -> tuple:
 class AioGrpcCall:
     """One request on its own gRPC stream: `await next()` -> outputs or None when done; close() cancels."""
 
-    def __init__(self, client, model: str, inputs: dict, timeout: float | None):
+    def __init__(self, client, model: str, inputs: dict, timeout: float | None, outputs=None):
+        request = {"model_name": model, "inputs": infer_inputs(inputs)}
+        if outputs is not None:  # the server builds and sends only these
+            request["outputs"] = [grpcclient_aio.InferRequestedOutput(name) for name in outputs]
+
         async def requests():
-            yield {"model_name": model, "inputs": infer_inputs(inputs)}
+            yield request
 
         self._responses = GrpcResponses()
         self._stream = client.stream_infer(requests(), stream_timeout=timeout)
@@ -167,9 +171,9 @@ class AsyncClient(ClientBase):
             self._grpc = grpcclient_aio.InferenceServerClient(self.url.split("://", 1)[-1])
         return self._grpc
 
-    async def _open(self, inputs: dict, stream: bool, timeout: float | None):
+    async def _open(self, inputs: dict, stream: bool, timeout: float | None, outputs=None):
         if self.protocol == "grpc":
-            return AioGrpcCall(self._grpc_client(), self.model, inputs, timeout)
+            return AioGrpcCall(self._grpc_client(), self.model, inputs, timeout, outputs)
         return await AioHttpCall.open(self._http_session(), self._endpoint.url(self.model, stream),
                                       json_body(inputs), stream, timeout)
 
@@ -190,12 +194,15 @@ class AsyncClient(ClientBase):
 
     def generate_stream(self, prompt: Any = None, *, text: str | None = None, input_ids: Any = None,
                         prompt_embeds: Any = None, timeout: float | None = None,
-                        options: GenerateOptions | None = None, **option_kwargs) -> AsyncChunkStream:
-        """Client.generate's arguments; `async for chunk in client.generate_stream(...)`."""
+                        options: GenerateOptions | None = None, outputs: tuple[str, ...] | None = None,
+                        **option_kwargs) -> AsyncChunkStream:
+        """Client.generate's arguments; `async for chunk in client.generate_stream(...)`. gRPC only: `outputs`
+        names the model outputs to ask for (default all; a chunk's fields of outputs not asked for are empty),
+        which spares both sides the rest."""
         # Argument errors raise here, not at the first chunk.
         inputs, with_logprobs = self._request(prompt, text, input_ids, prompt_embeds, True, options,
                                               option_kwargs)
-        return AsyncChunkStream(lambda: self._open(inputs, True, timeout), with_logprobs)
+        return AsyncChunkStream(lambda: self._open(inputs, True, timeout, outputs), with_logprobs)
 
     async def is_ready(self, timeout: float = 5.0) -> bool:
         """Whether the server answers and the model is ready (False rather than an error when unreachable)."""

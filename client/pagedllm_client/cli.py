@@ -35,7 +35,8 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     """Flags for GenerateOptions' fields (see options.py), each with the field's name as its dest; ignore_eos
     is added per command, with its own default."""
-    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="-1: up to the model length")
+    p.add_argument("--min-tokens", type=int, help="no EOS, stop token or stop string before this many")
     p.add_argument("--temperature", type=float, help="0 = greedy (server default 1.0)")
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)

@@ -48,7 +48,8 @@ class ModelFacts:
 
 def completion_prompts(req: CompletionRequest, facts: ModelFacts) -> list[Prompt]:
     """Embeddings first, then the prompt(s), as vLLM orders them. An empty text prompt next to prompt_embeds
-    (what clients send when the API insists on a prompt) adds no choice."""
+    (what clients send when the API insists on a prompt) adds no choice. Token-id prompts are decoded for
+    `echo` only when it is asked for."""
     prompts = [Prompt(embeds=e) for e in _embeds_prompts(req.prompt_embeds, facts)]
     p = req.prompt
     if isinstance(p, str):
@@ -65,7 +66,7 @@ def completion_prompts(req: CompletionRequest, facts: ModelFacts) -> list[Prompt
         else:
             if not x:
                 raise InvalidRequest(f"prompt[{i}]: the prompt is empty")
-            prompts.append(Prompt(token_ids=list(x), echo_text=_decode(facts, x)))
+            prompts.append(Prompt(token_ids=list(x), echo_text=_decode(facts, x) if req.echo else ""))
     if not prompts:
         raise InvalidRequest("prompt: give a prompt or prompt_embeds")
     return prompts

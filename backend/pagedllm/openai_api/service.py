@@ -19,6 +19,10 @@ from pagedllm_client import AsyncClient, Chunk, PagedLLMError
 from ..errors import CANCELLED, INTERNAL, UNAVAILABLE, error_kind
 from .prompts import Generation
 
+# The `llm` outputs an answer needs: token ids and their logprobs only when logprobs were asked for.
+TEXT_OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
+LOGPROB_OUTPUTS = TEXT_OUTPUTS + ("token_ids", "logprobs")
+
 # gRPC statuses (before any response) and the model's own error kinds -> HTTP statuses.
 _GRPC_STATUS = {"INVALID_ARGUMENT": 400, "UNAVAILABLE": 503, "NOT_FOUND": 503, "DEADLINE_EXCEEDED": 504,
                 "CANCELLED": 499}
@@ -83,16 +87,21 @@ class Runner:
         self.client = client
         self.timeout = timeout
 
-    async def _one(self, gen: Generation, on_chunk) -> None:
+    async def _chunks(self, gen: Generation) -> AsyncIterator[Chunk]:
+        outputs = LOGPROB_OUTPUTS if gen.options.return_logprobs else TEXT_OUTPUTS
         stream = self.client.generate_stream(**gen.prompt.client_kwargs(), options=gen.options,
-                                             timeout=self.timeout)
+                                             timeout=self.timeout, outputs=outputs)
         try:
             async for chunk in stream:
-                on_chunk(gen.index, chunk)
+                yield chunk
         except PagedLLMError as e:
             raise api_error(e) from None
         finally:
             stream.close()  # cancels the Triton request if it is still running
+
+    async def _one(self, gen: Generation, on_chunk) -> None:
+        async for chunk in self._chunks(gen):
+            on_chunk(gen.index, chunk)
 
     async def collect(self, gens: list[Generation], disconnected: Awaitable[None]) -> list[Choice]:
         """Every choice, whole. If the client disconnects first, every generation is cancelled."""
@@ -113,6 +122,10 @@ class Runner:
 
     async def stream(self, gens: list[Generation]) -> AsyncIterator[tuple[int, Chunk]]:
         """(choice index, chunk) in the order they arrive. Leaving the iteration early cancels the rest."""
+        if len(gens) == 1:  # the common case needs no task and no queue between the stream and the response
+            async for chunk in self._chunks(gens[0]):
+                yield gens[0].index, chunk
+            return
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 

@@ -234,17 +234,17 @@ class TritonPythonModel:
             token_ids, text, logprobs = request.output_token_ids, request.text, request.logprobs
             if request.prompt_text is not None and not state.exclude_input:
                 text = request.prompt_text + text
-        values = {
-            "token_ids": np.asarray(token_ids, dtype=np.int64),
-            "logprobs": np.asarray(logprobs or [], dtype=np.float32),  # empty unless return_logprobs
-            "text_output": np.array([text.encode("utf-8")], dtype=np.object_),
-            "finish_reason": np.array([(out.finish_reason or "").encode()], dtype=np.object_),
-            "num_input_tokens": np.array([out.num_prompt_tokens], dtype=np.uint32),
-            "num_output_tokens": np.array([out.num_output_tokens], dtype=np.uint32),
+        values = {  # built only when asked for: each response is one IPC round trip, every tensor costs
+            "token_ids": lambda: np.asarray(token_ids, dtype=np.int64),
+            "logprobs": lambda: np.asarray(logprobs or [], dtype=np.float32),  # empty unless return_logprobs
+            "text_output": lambda: np.array([text.encode("utf-8")], dtype=np.object_),
+            "finish_reason": lambda: np.array([(out.finish_reason or "").encode()], dtype=np.object_),
+            "num_input_tokens": lambda: np.array([out.num_prompt_tokens], dtype=np.uint32),
+            "num_output_tokens": lambda: np.array([out.num_output_tokens], dtype=np.uint32),
         }
         names = state.requested or values.keys()
         return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor(n, v) for n, v in values.items() if n in names])
+            output_tensors=[pb_utils.Tensor(n, make()) for n, make in values.items() if n in names])
 
     def finalize(self):
         self.engine_thread.stop()

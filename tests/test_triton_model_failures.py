@@ -78,6 +78,7 @@ def _fake_pb_utils() -> types.ModuleType:
                                                                      FakeMetricFamily)
     m.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL
     m.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
+    m.Logger = types.SimpleNamespace(log_info=print, log_warn=print, log_error=print, log_verbose=lambda msg: None)
     return m
 
 
@@ -143,12 +144,18 @@ class FakeRequest:
         return []
 
 
+# The serving modules that import triton_python_backend_utils: imported afresh against the fake.
+SERVING_MODULES = ("triton_model", "responder", "metrics", "triton_logging")
+
+
 @pytest.fixture(scope="module")
 def triton_model():
     """The triton_model module imported against the fake pb_utils (and forgotten afterwards)."""
-    saved = {k: sys.modules.get(k) for k in ("triton_python_backend_utils", "pagedllm.serving.triton_model")}
+    names = ["triton_python_backend_utils"] + [f"pagedllm.serving.{m}" for m in SERVING_MODULES]
+    saved = {k: sys.modules.get(k) for k in names}
     sys.modules["triton_python_backend_utils"] = _fake_pb_utils()
-    sys.modules.pop("pagedllm.serving.triton_model", None)
+    for name in names[1:]:
+        sys.modules.pop(name, None)
     try:
         yield importlib.import_module("pagedllm.serving.triton_model")
     finally:
@@ -186,7 +193,7 @@ def wait_final(*senders: FakeSender, timeout: float = 30.0) -> None:
 def blocks_all_free(m, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if m.engine.num_free_blocks == m.engine.block_manager.num_blocks and not m._states:
+        if m.engine.num_free_blocks == m.engine.block_manager.num_blocks and not m.responder.states:
             return True
         time.sleep(0.02)
     return False
@@ -207,6 +214,7 @@ def test_stream_and_whole_each_end_with_one_final(model):
 def test_bad_request_gets_one_invalid_arg_final(model):
     s = FakeSender()
     model.execute([FakeRequest({"input_ids": np.array([10**6], np.int64)}, s)])
+    wait_final(s)  # requests are parsed on the intake threads, after execute returned
     assert s.finals == 1 and s.error.code == "INVALID_ARG"
 
 
@@ -318,6 +326,7 @@ def test_deeply_nested_json_is_an_invalid_argument(model, where):
         values, params = {}, {"stop_token_ids": deep}
     s = FakeSender()
     model.execute([FakeRequest({**ids(), **values}, s, params)])
+    wait_final(s)
     assert s.finals == 1 and s.error is not None and s.error.code == "INVALID_ARG", s.error and s.error.message
 
 
@@ -341,7 +350,8 @@ def test_an_unexpected_error_taking_one_request_ends_it_alone(model, monkeypatch
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_response_that_cannot_be_built_ends_the_request_with_an_error(model, monkeypatch, stream):
-    real = model._response
+    responder = sys.modules["pagedllm.serving.responder"]
+    real = responder.build_response
     calls = iter([True])
 
     def response(state, out):
@@ -349,7 +359,7 @@ def test_a_response_that_cannot_be_built_ends_the_request_with_an_error(model, m
             raise ValueError("cannot build the output tensors")
         return real(state, out)
 
-    monkeypatch.setattr(model, "_response", response)
+    monkeypatch.setattr(responder, "build_response", response)
     s = FakeSender()
     model.execute([FakeRequest(ids(max_tokens=40, ignore_eos=np.array([True]), stream=np.array([stream])), s)])
     wait_final(s)
@@ -361,9 +371,9 @@ def test_a_response_that_cannot_be_built_ends_the_request_with_an_error(model, m
 def test_a_float_given_as_a_huge_json_integer_is_an_invalid_argument(key):
     """float(10**400) raises OverflowError, which _to_float did not catch: INTERNAL instead of INVALID_ARG."""
     from pagedllm.errors import InvalidRequest
-    from pagedllm.serving.request_parser import parse_request
+    from pagedllm.serving.request_parser import Limits, parse_request
 
     raw = '{"%s": 1%s}' % (key, "0" * 400)
     inputs = {"input_ids": np.array([1, 2, 3], np.int64), "sampling_parameters": np.array([raw.encode()], np.object_)}
     with pytest.raises(InvalidRequest, match=f"sampling_parameters.{key}"):
-        parse_request(inputs.get, {}, None, 64, 512)
+        parse_request(inputs.get, {}, None, Limits(64, 512))

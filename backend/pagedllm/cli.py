@@ -136,8 +136,8 @@ def serve(args) -> int:
             raise LauncherError(f"port {frontend.port} (OpenAI API) already in use")
         server.start()
         server.wait_ready(args.ready_timeout)
-        if frontend is not None:
-            frontend.start().wait_ready()
+        if frontend is not None:  # listening; its /health says whether Triton's llm model is ready
+            frontend.start().wait_ready(healthy=False)
         print(_ready_banner(args, model_dir, frontend), flush=True)
         while server.poll() is None and (frontend is None or frontend.poll() is None):
             time.sleep(0.5)

@@ -18,6 +18,13 @@ def load_tokenizer(model_dir: str | Path):
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
+def max_token_chars(tokenizer) -> int:
+    """The most characters of text one token can stand for (its longest entry, special tokens included):
+    a text longer than this times a token budget cannot fit in that budget."""
+    vocab = tokenizer.get_vocab()
+    return max(1, max((len(t) for t in vocab), default=1))
+
+
 def text_token_ids(tokenizer, text: str) -> list[int]:
     return [int(t) for t in tokenizer(text)["input_ids"]]
 

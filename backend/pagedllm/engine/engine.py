@@ -17,7 +17,7 @@ from ..model.spec import load_model_spec
 from ..model.weights import load_weights
 from ..model.llama import LlamaForCausalLM
 from ..sampling_params import SamplingParams
-from ..tokenizer import load_tokenizer, text_token_ids
+from ..tokenizer import load_tokenizer, max_token_chars, text_token_ids
 from .block_manager import BlockManager, embeds_digests
 from .model_runner import ModelRunner
 from .request import Request, StepOutput
@@ -93,6 +93,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, num_blocks, bs)
         self.eos_token_ids = frozenset(self.spec.eos_token_ids)
+        # The longest text that could still fit in max_model_len tokens: longer ones are refused untokenized.
+        self.max_prompt_chars = None if self.tokenizer is None else \
+            self.max_model_len * max_token_chars(self.tokenizer)
         self._requests: dict[str, Request] = {}  # added and not finished
         log.info("pagedllm engine: %s on %s/%s, kernels=%s, %d KV blocks of %d tokens, max_model_len=%d",
                  self.spec.model_type, self.device, self.dtype, self.ops.name, num_blocks, bs, self.max_model_len)

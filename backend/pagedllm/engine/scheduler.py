@@ -13,6 +13,7 @@ count as computed, the blocks they filled become reusable, and each sampled toke
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -86,6 +87,8 @@ class Scheduler:
             bm.grow(seq, start + n, prefix)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, n))
             budget -= n

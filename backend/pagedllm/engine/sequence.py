@@ -36,6 +36,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_ids_before_min_tokens: list[int] = field(default_factory=list)  # the sampler bans these until min_tokens
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None  # when it first joined the running batch (queue time ends)
 
     @property
     def num_tokens(self) -> int:

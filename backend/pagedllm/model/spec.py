@@ -53,6 +53,30 @@ def _read_json_object(path: Path) -> dict:
     return obj
 
 
+def resolve_model(name: str | Path, relative_to: str | Path | None = None) -> Path:
+    """A checkpoint directory: a path (a relative one is taken from `relative_to` when given, as Triton model
+    parameters are), or a Hugging Face repo id ("org/name") resolved through huggingface_hub's cache
+    (downloaded unless HF_HUB_OFFLINE=1, which serves it from the local cache only)."""
+    path = Path(name).expanduser()
+    if not path.is_absolute() and relative_to is not None and (Path(relative_to) / path).exists():
+        return (Path(relative_to) / path).absolute()
+    if path.exists() or not _looks_like_repo_id(str(name)):
+        return path.absolute()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name), allow_patterns=["*.json", "*.safetensors", "tokenizer*",
+                                                                 "*.model", "*.txt", "*.jinja"]))
+    except Exception as e:  # offline without a cached copy, unknown repo, no network, ...
+        raise CheckpointError(f"{name!r} is neither a directory nor a Hugging Face model that could be found "
+                              f"({type(e).__name__}: {e})") from None
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
 def checkpoint_dir(model_dir: str | Path) -> Path:
     """The absolute checkpoint directory, if it looks like a Hugging Face checkpoint at all."""
     path = Path(model_dir).expanduser().absolute()

@@ -2,7 +2,8 @@
 
 Other threads talk to it through one queue: `submit` a validated Request, `abort` a request id. The loop
 drains the queue, runs one engine step, and hands the step's outputs to `on_outputs`; when there is no work
-it sleeps on the queue. A failing step fails the requests in flight, not the thread.
+it sleeps on the queue. A failing step fails the requests in flight, not the thread. If the thread ends
+anyway, or steps keep failing (the engine is broken, not one batch), `on_fatal` says so once.
 """
 from __future__ import annotations
 
@@ -16,19 +17,26 @@ from ..errors import INTERNAL, server_error
 from ..engine.request import Request, StepOutput
 
 log = logging.getLogger("pagedllm")
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 class EngineThread:
     def __init__(self, engine: LLMEngine, on_outputs: Callable[[list[StepOutput]], None],
-                 on_error: Callable[[str, str], None], after_step: Callable[[], None] = lambda: None):
+                 on_error: Callable[[str, str], None], after_step: Callable[[], None] = lambda: None,
+                 on_fatal: Callable[[str], None] = lambda reason: None):
         self.engine = engine
         self._on_outputs = on_outputs
         self._on_error = on_error  # (request_id, message): the request failed inside the engine
         self._after_step = after_step
+        self._on_fatal = on_fatal  # (reason): the engine can no longer serve
         self._inbox: queue.Queue = queue.Queue()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="pagedllm-engine", daemon=True)
+        self._failed_steps = 0
+        self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
         self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
     def submit(self, request: Request) -> None:
         self._inbox.put(("add", request))
@@ -59,6 +67,16 @@ class EngineThread:
             return [out] if out is not None else []
         return []
 
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: B036 -- whatever ends the thread, the model must hear of it
+            log.exception("pagedllm: the engine thread died")
+            self._on_fatal(f"the engine thread died: {type(e).__name__}: {e}")
+            raise
+        if not self._stopping:
+            self._on_fatal("the engine thread stopped")
+
     def _loop(self) -> None:
         while not self._stopping:
             outputs: list[StepOutput] = []
@@ -78,11 +96,15 @@ class EngineThread:
             in_flight = self.engine.unfinished_request_ids()
             try:
                 outputs += self.engine.step()
+                self._failed_steps = 0
             except Exception as e:  # a bug or an OOM: fail what is in flight, keep serving
                 log.exception("pagedllm: engine step failed")
                 for request_id in in_flight:
                     self._handle("abort", request_id)  # guarded: one that fails to free still gets its error
                     self._on_error(request_id, server_error(INTERNAL, f"the engine step failed: {e}"))
+                self._failed_steps += 1
+                if self._failed_steps == MAX_CONSECUTIVE_STEP_FAILURES:
+                    self._on_fatal(f"{self._failed_steps} engine steps failed in a row; the last: {e}")
             try:  # callbacks (queue puts, metric IPC) must not end the thread that serves every request
                 if outputs:
                     self._on_outputs(outputs)

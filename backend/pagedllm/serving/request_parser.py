@@ -1,7 +1,8 @@
 """Turn one Triton request's tensors and parameters into a prompt and SamplingParams, or a clear error.
 
 Kept free of `triton_python_backend_utils` so it is tested directly. Every error is an InvalidRequest whose
-message starts with the name of the input at fault.
+message starts with the name of the input at fault. Work that grows with an input's size (tokenizing a text,
+copying embeddings, converting a list) is only done once its size is known to be within the limits.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidRequest
-from ..sampling_params import SamplingParams
+from ..sampling_params import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, SamplingParams
 
 PROMPT_INPUTS = ("input_ids", "prompt_embeds", "prompt_embeds_fp32", "prompt_embeds_base64", "text_input")
 # Sampling keys accepted as input tensors, inside `sampling_parameters` JSON, or as request parameters.
@@ -26,6 +27,7 @@ SAMPLING_KEYS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "s
 FLAG_KEYS = ("stream", "exclude_input_in_output", "return_finish_reason", "return_num_input_tokens",
              "return_num_output_tokens")
 MAX_SAMPLING_JSON_BYTES = 64 * 1024
+MAX_LIST_LENGTHS = {"stop_token_ids": MAX_STOP_TOKEN_IDS, "stop": MAX_STOP_STRINGS}
 # Keys that OpenAI-style clients (Triton's OpenAI frontend, benchmark tools) put in sampling_parameters with
 # values that change nothing here; accepted with exactly those values, refused with any other (n=2, a logit
 # bias, top-k logprobs would all change the result). Values may come as strings, as vllm_backend clients send.
@@ -34,6 +36,40 @@ NEUTRAL_KEYS = {
     "prompt_logprobs": ("none", "null"), "logit_bias": ("none", "null", "{}"), "use_beam_search": ("false", "0"),
     "skip_special_tokens": ("true", "1"), "spaces_between_special_tokens": ("true", "1"), "user": None,
 }
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What bounds a request's inputs: a prompt must fit in max_model_len tokens."""
+    hidden_size: int
+    max_model_len: int
+    max_prompt_chars: int | None = None  # the longest text that could fit (None: no tokenizer)
+
+
+INPUT_NAMES = PROMPT_INPUTS + SAMPLING_KEYS + FLAG_KEYS + ("sampling_parameters",)
+
+
+def take_inputs(get: Callable[[str], np.ndarray | None], limits: Limits) -> dict[str, np.ndarray]:
+    """A request's inputs, copied out of the request (its memory belongs to the server and goes away with
+    it), each one only once its size is known to be within the limits: a prompt that cannot fit, or a list
+    longer than allowed, is refused before anything proportional to its size is done. (Copying a BYTES input
+    copies references only; texts are measured before they are decoded or tokenized, in parse_request.)"""
+    out = {}
+    for name in INPUT_NAMES:
+        arr = get(name)
+        if arr is not None:
+            _check_size(name, arr, limits)
+            out[name] = np.array(arr, copy=True)
+    return out
+
+
+def _check_size(name: str, arr: np.ndarray, limits: Limits) -> None:
+    rows = {"input_ids": arr.size, "prompt_embeds": arr.shape[0] if arr.ndim else 0,
+            "prompt_embeds_fp32": arr.size // max(limits.hidden_size, 1)}.get(name)
+    if rows is not None and rows >= limits.max_model_len:
+        raise _too_long(name, rows, limits.max_model_len)
+    if name in MAX_LIST_LENGTHS:
+        _check_length(name, arr.reshape(-1))
 
 
 @dataclass
@@ -88,13 +124,27 @@ def _to_int_list(name: str, v: Any) -> list[int]:
     if isinstance(v, str):
         try:
             v = json.loads(v) if v.strip().startswith("[") else [x for x in v.split(",") if x.strip()]
-        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than json can parse
-            raise InvalidRequest(f"{name}: expected a list of integers, got {v!r}") from None
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
+            raise InvalidRequest(f"{name}: expected a list of integers, got {_clip(v)}") from None
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
         v = [v]
     if not isinstance(v, (list, tuple, np.ndarray)):
-        raise InvalidRequest(f"{name}: expected a list of integers, got {v!r}")
+        raise InvalidRequest(f"{name}: expected a list of integers, got {_clip(v)}")
+    _check_length(name, v)
     return [_to_int(name, x) for x in v]
+
+
+def _check_length(name: str, values) -> None:
+    """A list input's length, checked before its elements are converted one by one."""
+    key = name.rsplit(".", 1)[-1].removeprefix("parameter ")
+    limit = MAX_LIST_LENGTHS.get(key)
+    if limit is not None and len(values) > limit:
+        raise InvalidRequest(f"{name}: {len(values)} values is more than the limit of {limit}")
+
+
+def _clip(v: Any, limit: int = 80) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _to_str_list(name: str, v: Any) -> list[str]:
@@ -107,7 +157,8 @@ def _to_str_list(name: str, v: Any) -> list[str]:
     if isinstance(v, (str, bytes)):
         v = [v]
     if not isinstance(v, (list, tuple, np.ndarray)):
-        raise InvalidRequest(f"{name}: expected a string or a list of strings, got {v!r}")
+        raise InvalidRequest(f"{name}: expected a string or a list of strings, got {_clip(v)}")
+    _check_length(name, v)
     out = []
     for x in v:
         if isinstance(x, bytes):
@@ -141,14 +192,7 @@ def _sampling_json(arr: np.ndarray) -> dict:
     raw = _scalar("sampling_parameters", arr)
     if len(raw) > MAX_SAMPLING_JSON_BYTES:
         raise InvalidRequest("sampling_parameters: larger than 64 KiB")
-    try:
-        obj = json.loads(raw) if raw.strip() else {}
-    except json.JSONDecodeError as e:
-        raise InvalidRequest(f"sampling_parameters: not valid JSON ({e.msg} at position {e.pos})") from None
-    except RecursionError:
-        raise InvalidRequest("sampling_parameters: not valid JSON (nested too deeply)") from None
-    if not isinstance(obj, dict):
-        raise InvalidRequest("sampling_parameters: expected a JSON object")
+    obj = _json_object("sampling_parameters", raw)
     unknown = sorted(set(obj) - set(SAMPLING_KEYS) - set(NEUTRAL_KEYS))
     if unknown:
         raise InvalidRequest(f"sampling_parameters: unsupported key {unknown[0]!r} (supported: "
@@ -156,6 +200,30 @@ def _sampling_json(arr: np.ndarray) -> dict:
     for key in set(obj) & set(NEUTRAL_KEYS):
         _check_neutral(f"sampling_parameters.{key}", key, obj.pop(key))
     return obj
+
+
+def _json_object(name: str, raw: str) -> dict:
+    try:
+        obj = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError as e:
+        raise InvalidRequest(f"{name}: not valid JSON ({e.msg} at position {e.pos})") from None
+    except RecursionError:
+        raise InvalidRequest(f"{name}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts (4300)
+        raise InvalidRequest(f"{name}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise InvalidRequest(f"{name}: expected a JSON object")
+    return obj
+
+
+def parse_parameters(raw: str | bytes | None) -> dict:
+    """A Triton request's parameters (the JSON text the Python backend gives), bounded like
+    sampling_parameters."""
+    if not raw:
+        return {}
+    if len(raw) > MAX_SAMPLING_JSON_BYTES:
+        raise InvalidRequest("parameters: larger than 64 KiB")
+    return _json_object("parameters", raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw)
 
 
 def _check_neutral(label: str, key: str, value: Any) -> None:
@@ -194,9 +262,10 @@ def _base64_embeds(arr: np.ndarray, hidden_size: int, max_len: int) -> torch.Ten
 
 
 def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict, tokenize,
-                  hidden_size: int, max_model_len: int) -> ParsedRequest:
+                  limits: Limits) -> ParsedRequest:
     """get(name) returns the input as numpy or None; parameters are the request's parameters;
-    tokenize(text) -> ids (raises InvalidRequest when there is no tokenizer)."""
+    tokenize(text) -> ids (raises InvalidRequest when there is no tokenizer); a text longer than
+    limits.max_prompt_chars cannot fit in max_model_len tokens and is refused before it is tokenized."""
     present = [n for n in PROMPT_INPUTS if get(n) is not None]
     if len(present) != 1:
         what = "none was given" if not present else f"got {', '.join(present)}"
@@ -216,7 +285,9 @@ def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict, tok
     for key in SAMPLING_KEYS + FLAG_KEYS:  # highest precedence: input tensors
         arr = get(key)
         if arr is not None:
-            values[key] = _convert(key, key, arr.reshape(-1).tolist() if key in ("stop_token_ids", "stop")
+            if key in MAX_LIST_LENGTHS:
+                _check_length(key, arr.reshape(-1))
+            values[key] = _convert(key, key, arr.reshape(-1).tolist() if key in MAX_LIST_LENGTHS
                                    else _scalar(key, arr))
 
     kwargs = {k: values[k] for k in SAMPLING_KEYS if k in values}
@@ -230,23 +301,52 @@ def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict, tok
     out = ParsedRequest(params, flags.get("stream", False), flags.get("exclude_input_in_output", False))
     name = present[0]
     arr = get(name)
+    _check_size(name, arr, limits)
+    _parse_prompt(out, name, arr, tokenize, limits)
+    out.prompt_name = name
+    return out
+
+
+def _too_long(name: str, n: int, max_model_len: int) -> InvalidRequest:
+    return InvalidRequest(f"{name}: the prompt has {n} tokens but the model length is {max_model_len} "
+                          "(prompt plus at least one generated token)")
+
+
+def _parse_prompt(out: ParsedRequest, name: str, arr: np.ndarray, tokenize, limits: Limits) -> None:
+    """The prompt input, its size already checked (_check_size)."""
     if name == "input_ids":
         if arr.ndim != 1:
             raise InvalidRequest(f"input_ids: expected shape [seq_len], got {list(arr.shape)}")
         out.prompt_token_ids = arr.astype(np.int64).tolist()
     elif name == "text_input":
-        text = _scalar("text_input", arr)
-        if not text:
-            raise InvalidRequest("text_input: the prompt is empty")
-        out.prompt_text = text
-        out.prompt_token_ids = tokenize(text)
+        out.prompt_text = _text_prompt(arr, limits.max_prompt_chars, limits.max_model_len)
+        out.prompt_token_ids = tokenize(out.prompt_text)
     elif name == "prompt_embeds_fp32":
-        out.prompt_embeds = _flat_embeds(name, arr.reshape(-1), hidden_size)
+        out.prompt_embeds = _flat_embeds(name, arr.reshape(-1), limits.hidden_size)
     elif name == "prompt_embeds_base64":
-        out.prompt_embeds = _base64_embeds(arr, hidden_size, max_model_len)
+        out.prompt_embeds = _base64_embeds(arr, limits.hidden_size, limits.max_model_len)
     else:
         if arr.ndim != 2:
             raise InvalidRequest(f"{name}: expected shape [seq_len, hidden_size], got {list(arr.shape)}")
         out.prompt_embeds = torch.from_numpy(np.array(arr, copy=True))  # copy: the request's memory goes away
-    out.prompt_name = name
-    return out
+
+
+def _text_prompt(arr: np.ndarray, max_chars: int | None, max_model_len: int) -> str:
+    """The text of a text_input, refused by its size before it is decoded or tokenized when it could not fit:
+    no token covers more than the tokenizer's longest token, so a longer text has too many tokens."""
+    if arr.size != 1:
+        raise InvalidRequest(f"text_input: expected one value, got shape {list(arr.shape)}")
+    raw = arr.reshape(-1)[0]
+    if max_chars is not None and len(raw) > 4 * max_chars:  # bytes: at most 4 per character
+        raise _text_too_long(len(raw), "bytes", max_chars, max_model_len)
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    if max_chars is not None and len(text) > max_chars:
+        raise _text_too_long(len(text), "characters", max_chars, max_model_len)
+    if not text:
+        raise InvalidRequest("text_input: the prompt is empty")
+    return text
+
+
+def _text_too_long(n: int, unit: str, max_chars: int, max_model_len: int) -> InvalidRequest:
+    return InvalidRequest(f"text_input: the prompt has {n} {unit}, more than the model length of {max_model_len} "
+                          f"tokens can hold (at most {max_chars} characters)")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from pagedllm.config import EngineConfig
+from pagedllm.lifeline import DEFAULT_GRACE_S
 
 # The checkpoint `pagedllm serve` builds when no --model is given: random weights, but every part of a
 # Llama-3 style model (GQA, llama3 rope scaling) at a size that runs quickly on a CPU.
@@ -62,15 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run tritonserver with the llm model in the foreground")
+    serve = sub.add_parser("serve", help="run tritonserver with the llm model in the foreground",
+                           usage="pagedllm serve [options] [-- tritonserver options]",
+                           description="Arguments after `--` go to tritonserver as they are (after ours).")
     serve.add_argument("--model", default=os.environ.get("PAGEDLLM_MODEL") or None,
-                       help="Hugging Face checkpoint directory (default: $PAGEDLLM_MODEL, else a tiny random Llama)")
+                       help="Hugging Face checkpoint directory or repo id (org/name: from the Hugging Face cache; "
+                            "HF_HUB_OFFLINE=1 serves it from the local cache only) (default: $PAGEDLLM_MODEL, "
+                            "else a tiny random Llama)")
+    serve.add_argument("--model-repository", default=None,
+                       help="serve this Triton model repository as it is, instead of the project's with the "
+                            "engine flags written in (its `llm` config.pbtxt must set model_dir)")
     serve.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
     serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
     serve.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model")
+    serve.add_argument("--shutdown-grace-secs", type=float, default=DEFAULT_GRACE_S,
+                       help="on SIGTERM / Ctrl-C, what requests in flight get to finish before they are ended "
+                            f"with an error (default {DEFAULT_GRACE_S:g})")
     serve.add_argument("--openai-port", type=int, default=9000,
                        help="port of the OpenAI-compatible API (default 9000; 0: do not start it)")
     from pagedllm.openai_api.server import add_arguments as openai_arguments
@@ -89,48 +100,66 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, code: int = 2) -> int:
-    print(f"pagedllm serve: error: {message}", file=sys.stderr)
+    print(f"pagedllm serve: error: {message}", file=sys.stderr, flush=True)
     return code
 
 
 def _openai_frontend(args, server, model_dir):
-    """The OpenAI front end to start beside the server, or None with --openai-port 0."""
-    if not args.openai_port:
+    """The OpenAI front end to start beside the server, or None (--openai-port 0, or no checkpoint known)."""
+    if not args.openai_port or model_dir is None:
         return None
     from pagedllm.server.frontend import OpenAIFrontend
 
     return OpenAIFrontend(triton_grpc_url=server.grpc_url, model_dir=str(model_dir), port=args.openai_port,
                           served_model_name=args.served_model_name, api_key=args.api_key,
-                          metrics_url=server.metrics_url, log_path=None)
+                          metrics_url=server.metrics_url)
 
 
 def _ready_banner(args, model_dir, frontend) -> str:
-    lines = [f"\npagedllm: serving {model_dir}", f"  HTTP    http://0.0.0.0:{args.http_port}",
+    lines = [f"\npagedllm: serving {model_dir or args.model_repository}", f"  HTTP    http://0.0.0.0:{args.http_port}",
              f"  gRPC    0.0.0.0:{args.grpc_port}", f"  metrics http://0.0.0.0:{args.metrics_port}/metrics"]
     if frontend is not None:
         lines.append(f"  OpenAI  http://0.0.0.0:{frontend.port}/v1")
     return "\n".join(lines + ["  Ctrl-C stops the server."])
 
 
-def serve(args) -> int:
-    from pagedllm.server import CheckpointError, LauncherError, ServerError, TritonServer, check_checkpoint
+def _server(args, triton_args: list[str]):
+    """(the TritonServer to run, the checkpoint directory or None)."""
+    from pagedllm.model.spec import check_checkpoint, resolve_model
+    from pagedllm.server import TritonServer
+    from pagedllm.server.repository import repository_model_dir
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
+                 if f.name != "model_dir" and getattr(args, f.name) is not None}
+    common = dict(http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                  log_verbose=args.log_verbose, shutdown_grace_s=args.shutdown_grace_secs, echo=True,
+                  extra_args=triton_args)
+    if args.model_repository:  # the user's repository as it is: the engine flags are its config.pbtxt's
+        model_dir = repository_model_dir(args.model_repository)
+        config = EngineConfig(model_dir=str(model_dir or ""), **overrides)
+        return TritonServer(config, model_repository=args.model_repository, repository_as_is=True,
+                            check_model=False, **common), model_dir
+    model_dir = check_checkpoint(resolve_model(args.model)) if args.model else default_model_dir()
+    return TritonServer(EngineConfig(model_dir=str(model_dir), **overrides), **common), model_dir
+
+
+def serve(args, triton_args: list[str] = ()) -> int:
+    """Runs until a signal (exit 0), tritonserver or the front end exiting (1), or the model becoming unable
+    to serve (3: a dead stub, a dead engine): an orchestrator then restarts it."""
+    from pagedllm.server import CheckpointError, LauncherError, ServerError
     from pagedllm.server.process import port_is_free
 
     try:
-        model_dir = check_checkpoint(args.model) if args.model else default_model_dir()
+        server, model_dir = _server(args, list(triton_args))
     except CheckpointError as e:
         return _fail(str(e))
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
-                 if f.name != "model_dir" and getattr(args, f.name) is not None}
-    config = EngineConfig(model_dir=str(model_dir), **overrides)
-    server = TritonServer(config, http_port=args.http_port, grpc_port=args.grpc_port,
-                          metrics_port=args.metrics_port, log_verbose=args.log_verbose, echo=True)
     frontend = _openai_frontend(args, server, model_dir)
 
     def on_sigterm(signum, frame):  # docker stop / kill: leave through the same path as Ctrl-C
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    stop = {}
     try:
         if frontend is not None and not port_is_free(frontend.port):  # before anything starts
             raise LauncherError(f"port {frontend.port} (OpenAI API) already in use")
@@ -139,30 +168,44 @@ def serve(args) -> int:
         if frontend is not None:  # listening; its /health says whether Triton's llm model is ready
             frontend.start().wait_ready(healthy=False)
         print(_ready_banner(args, model_dir, frontend), flush=True)
-        while server.poll() is None and (frontend is None or frontend.poll() is None):
-            time.sleep(0.5)
-        if server.poll() is not None:
-            return _fail(f"tritonserver exited with code {server.poll()} (log: {server.log_path})", 1)
-        return _fail(f"the OpenAI front end exited with code {frontend.poll()}", 1)
+        return _supervise(server, frontend, stop)
     except KeyboardInterrupt:
-        print("pagedllm: stopping the server", file=sys.stderr, flush=True)
+        print(f"pagedllm: stopping the server (requests in flight get {args.shutdown_grace_secs:g} s)",
+              file=sys.stderr, flush=True)
         return 0
     except LauncherError as e:
         return _fail(str(e))
     except ServerError as e:
         return _fail(str(e), 1)
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the stop below is not to be cut short
+        server.stop(**stop)
         if frontend is not None:
             frontend.stop()
-        server.stop()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _supervise(server, frontend, stop: dict) -> int:
+    while True:
+        trouble = server.trouble()
+        if trouble:
+            # Its requests were answered already (the model ended them), or never will be (a dead stub): no
+            # drain; readiness goes false as the server goes, and the orchestrator starts a fresh one.
+            stop["kill"] = True
+            return _fail(f"{trouble}; stopping (exit 3, to be restarted)", 3)
+        if server.poll() is not None:
+            return _fail(f"tritonserver exited with code {server.poll()} (log: {server.log_path})", 1)
+        if frontend is not None and frontend.poll() is not None:
+            return _fail(f"the OpenAI front end exited with code {frontend.poll()}", 1)
+        time.sleep(0.5)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    ours, triton_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = build_parser().parse_args(ours)
     if args.command == "serve":
-        return serve(args)
+        return serve(args, triton_args)
     if args.command == "openai":
         from pagedllm.openai_api.server import main as openai_main
 

@@ -1,17 +1,21 @@
 """The line between `pagedllm serve` (the launcher) and the `llm` model inside tritonserver's Python stub.
 
-Triton tells a Python model nothing about a shutdown until it unloads it, and by then in-flight requests have
-either run out tritonserver's exit timeout (which crashes the server and orphans the stub) or been cut off.
-So the launcher talks to the model directly, over two pipes whose file descriptors the stub inherits
-(through tritonserver, which passes inherited descriptors on to its stubs):
+Triton tells a Python model nothing about a shutdown: it stops taking requests and unloads the model, but the
+Python backend only calls the model's `finalize` once every request in flight has had its final response, and
+tritonserver gives up after its exit timeout (crashing, and orphaning the stub). So the launcher talks to the
+model directly, over two pipes whose file descriptors the stub inherits (through tritonserver, which passes
+inherited descriptors on to its stubs):
 
 - the **lifeline** (launcher -> model): the launcher writes `drain <seconds>` when it is asked to stop; the
   model then refuses new requests and gives those in flight that long to finish before it ends them with an
-  error. If the launcher dies (SIGKILL), the pipe reaches end-of-file and the model drains with the grace
-  period it was started with.
-- the **status** pipe (model -> launcher): the model writes `fatal <reason>` when it can no longer serve (its
-  engine thread died, steps keep failing); the launcher then stops tritonserver and exits non-zero, so that an
-  orchestrator restarts it.
+  error (the launcher meanwhile unloads the model, which makes Triton report not ready, and then stops
+  tritonserver). If the launcher dies (SIGKILL), the pipe reaches end-of-file: the model drains with the grace
+  period it was started with, then stops tritonserver itself (SIGINT to its parent). tritonserver is not
+  stopped by a signal when the launcher dies: once shutting down it no longer delivers a Python model's
+  responses, so requests in flight would get no answer.
+- the **status** pipe (model -> launcher): the model writes `idle` when a drain is over (every request had
+  its final response), and `fatal <reason>` when it can no longer serve (its engine thread died, steps keep
+  failing); the launcher then stops tritonserver and exits non-zero, so that an orchestrator restarts it.
 
 Without a launcher (tritonserver started by hand) neither variable is set and the model does without.
 """
@@ -59,12 +63,23 @@ class LauncherEnd:
 
     def fatal_reasons(self) -> list[str]:
         """The `fatal` lines the model wrote since the last call."""
+        return [ln[len("fatal "):] for ln in self._read_status() if ln.startswith("fatal ")]
+
+    def wait_idle(self, instances: int, timeout: float) -> bool:
+        """Until `instances` model instances said their drain is over, or timeout."""
+        deadline, idle = time.monotonic() + timeout, 0
+        while idle < instances and time.monotonic() < deadline:
+            idle += sum(ln == "idle" for ln in self._read_status())
+            time.sleep(0.05)
+        return idle >= instances
+
+    def _read_status(self) -> list[str]:
         try:
             self._status_buffer += os.read(self._status_read, 65536)
         except (BlockingIOError, OSError):
             pass
         *lines, self._status_buffer = self._status_buffer.split(b"\n")
-        return [ln[len(b"fatal "):].decode(errors="replace") for ln in lines if ln.startswith(b"fatal ")]
+        return [ln.decode(errors="replace") for ln in lines]
 
     def close(self) -> None:
         for fd in (self._lifeline_write, self._status_read):
@@ -86,6 +101,7 @@ class ModelEnd:
         except ValueError:
             self.grace_s = DEFAULT_GRACE_S
         self._buffer = b""
+        self.launcher_gone = False  # the lifeline reached end-of-file
 
     @property
     def attached(self) -> bool:
@@ -102,6 +118,7 @@ class ModelEnd:
         data = os.read(self._lifeline, 4096)
         if not data:  # end of file: the launcher is gone
             self._lifeline = None
+            self.launcher_gone = True
             return self.grace_s
         self._buffer += data
         for line in self._buffer.split(b"\n"):
@@ -113,11 +130,16 @@ class ModelEnd:
         return None
 
     def report_fatal(self, reason: str) -> None:
+        self._report("fatal " + " ".join(reason.split())[:400])
+
+    def report_idle(self) -> None:
+        self._report("idle")
+
+    def _report(self, line: str) -> None:
         if self._status is None:
             return
-        line = "fatal " + " ".join(reason.split())[:400] + "\n"  # one short line: written atomically
         try:
-            os.write(self._status, line.encode())
+            os.write(self._status, (line + "\n").encode())  # one short line: written atomically
         except OSError:
             pass
 

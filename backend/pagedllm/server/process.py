@@ -1,5 +1,14 @@
 """One tritonserver process for pagedllm: a runtime directory (backend directory, model repository copy with
-the engine's settings, the server log), the command line, start, readiness, and an orderly stop.
+the engine's settings, the server log), the command line, start, readiness, supervision, and an orderly stop.
+
+Stopping: the `llm` model is told to drain (lifeline.py: it refuses new requests, gives those in flight the
+grace period, then ends the rest with an error) and an unload is started through Triton's repository API,
+which makes the server report not ready at once while the model's responses still flow (once tritonserver
+itself shuts down it delivers none). The server runs with explicit model control for this, its repository
+API restricted to a key only the launcher knows. Once the model says every request had its final response,
+SIGINT stops tritonserver (a client that keeps an idle stream open holds the unload until tritonserver's exit
+timeout). Whatever is left of the process group (stubs) is then killed, and the shared-memory regions under
+this server's prefix removed.
 """
 from __future__ import annotations
 
@@ -22,12 +31,16 @@ from collections import deque
 from pathlib import Path
 
 from pagedllm.config import EngineConfig
+from pagedllm.lifeline import DEFAULT_GRACE_S, SHM_PREFIX_ENV, LauncherEnd
 from pagedllm.model.spec import check_checkpoint
 
 from .locate import LauncherError, cache_root, prepare_backend_directory, project_model_repository, server_environment
 from .repository import prepare_model_repository
 
 _ERROR_LINE = re.compile(rb"E\d{4} |error: ")  # glog error lines and "error: creating server"
+_STUB_NAME = b"triton_python_backend_stub"
+_CONTROL_HEADER = "pagedllm-launcher-key"  # the repository API's key header (its value is per server)
+EXIT_TIMEOUT_S = 5  # after the drain, how long tritonserver waits for open streams and unloads
 
 
 class ServerError(RuntimeError):
@@ -64,24 +77,77 @@ def _die_with_parent() -> None:
         pass
 
 
+def _signal_and_wait(proc: subprocess.Popen, steps) -> None:
+    for sig, wait_s in steps:
+        if proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL every process left in the group: tritonserver itself if still there, and the stubs, which are
+    not always gone with it (a crashed tritonserver leaves them running)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    deadline = time.monotonic() + 5
+    while _group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _group_members(pgid: int) -> list[tuple[int, bytes]]:
+    """(pid, command line) of the live processes in a process group, from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if int(fields[2]) != pgid or fields[0] == b"Z":  # the 5th field is the group; Z: a zombie
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                members.append((int(entry), f.read()))
+        except (OSError, IndexError, ValueError):
+            continue
+    return members
+
+
 class TritonServer:
     """One tritonserver process. `with TritonServer(cfg) as s:` starts it and waits until it is ready.
 
     `model_repository` replaces the project's repository (tests use a throwaway one); `parameters` are extra
-    config.pbtxt string parameters on top of the EngineConfig's. `echo` copies the server log to stdout.
+    config.pbtxt string parameters on top of the EngineConfig's. With `repository_as_is`, tritonserver serves
+    `model_repository` itself, untouched (a repository set up by hand, as Triton's Helm chart passes it).
+    `shutdown_grace_s`: what requests in flight get to finish when the server is stopped. `echo` copies the
+    server log to stdout; `extra_args` go to tritonserver after ours.
     """
 
     def __init__(self, engine_config: EngineConfig, *, http_port: int = 8000, grpc_port: int = 8001,
                  metrics_port: int = 8002, model_repository=None, parameters: dict[str, str] | None = None,
-                 runtime_dir=None, log_verbose: int = 0, exit_timeout_s: int = 5, echo: bool = False,
-                 extra_args: list[str] | tuple[str, ...] = (), check_model: bool = True):
+                 runtime_dir=None, log_verbose: int = 0, shutdown_grace_s: float = DEFAULT_GRACE_S,
+                 echo: bool = False, extra_args: list[str] | tuple[str, ...] = (), check_model: bool = True,
+                 repository_as_is: bool = False):
         self.engine_config = engine_config
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.source_repository = Path(model_repository) if model_repository else None
+        self.repository_as_is = repository_as_is
         self.parameters = dict(parameters or {})
-        self.log_verbose, self.exit_timeout_s, self.echo = log_verbose, exit_timeout_s, echo
+        self.log_verbose, self.shutdown_grace_s, self.echo = log_verbose, shutdown_grace_s, echo
         self.extra_args = list(extra_args)
         self.check_model = check_model
+        self.shm_prefix = ""
+        self._control_key = secrets.token_hex(16)
+        # Explicit model control lets the launcher unload `llm` first when it stops; not when the caller sets
+        # a model control mode of its own (then stopping drains for the grace period, then signals).
+        self._controls_models = not any(a.startswith("--model-control-mode") for a in self.extra_args)
+        self._lifeline: LauncherEnd | None = None
+        self._stub_pids: set[int] = set()
         self._own_runtime_dir = runtime_dir is None
         self.runtime_dir = Path(runtime_dir) if runtime_dir else None
         self.process: subprocess.Popen | None = None
@@ -93,7 +159,13 @@ class TritonServer:
     # paths and urls
     @property
     def model_repository(self) -> Path:
+        if self.repository_as_is:
+            return self.source_repository.absolute()
         return self.runtime_dir / "models"
+
+    @property
+    def exit_timeout_s(self) -> int:
+        return EXIT_TIMEOUT_S
 
     @property
     def log_path(self) -> Path:
@@ -130,18 +202,26 @@ class TritonServer:
             self.runtime_dir = Path(tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=root))
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         binary, backends, lib_dirs = prepare_backend_directory(self.runtime_dir)
-        source = self.source_repository or project_model_repository()
-        prepare_model_repository(source, self.model_repository, {**cfg.to_strings(), **self.parameters})
+        if not self.repository_as_is:
+            source = self.source_repository or project_model_repository()
+            prepare_model_repository(source, self.model_repository, {**cfg.to_strings(), **self.parameters})
         self.env = server_environment(lib_dirs)
-        # Each server its own shared-memory names, so servers side by side (tests) never collide.
-        shm_prefix = f"pagedllm{os.getpid()}-{secrets.token_hex(4)}"
+        # Each server its own shared-memory names, so servers side by side (tests) never collide, and what a
+        # crash leaves behind can be found and removed.
+        self.shm_prefix = shm_prefix = f"pagedllm{os.getpid()}-{secrets.token_hex(4)}"
+        self.env[SHM_PREFIX_ENV] = shm_prefix
         self.command = [
             str(binary), "--model-repository", str(self.model_repository), "--backend-directory", str(backends),
             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
             "--metrics-port", str(self.metrics_port), "--log-verbose", str(self.log_verbose),
             "--exit-timeout-secs", str(self.exit_timeout_s),
-            "--backend-config", f"python,shm-region-prefix-name={shm_prefix}", *self.extra_args,
+            "--backend-config", f"python,shm-region-prefix-name={shm_prefix}",
         ]
+        if self._controls_models:
+            key = f"model-repository:{_CONTROL_HEADER}={self._control_key}"
+            self.command += ["--model-control-mode=explicit", "--load-model=*",
+                             f"--http-restricted-api={key}", f"--grpc-restricted-protocol={key}"]
+        self.command += self.extra_args
         return self.command
 
     def start(self) -> "TritonServer":
@@ -150,12 +230,16 @@ class TritonServer:
         if taken:  # else a server already there could answer our readiness probe
             raise LauncherError(f"port(s) {', '.join(map(str, taken))} already in use")
         self._log_handle = open(self.log_path, "ab")
+        self._lifeline = LauncherEnd()
         self.process = subprocess.Popen(
-            command, env=self.env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if self.echo else self._log_handle, stderr=subprocess.STDOUT,
+            command, env={**self.env, **self._lifeline.child_env(self.shutdown_grace_s)},
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if self.echo else self._log_handle,
+            stderr=subprocess.STDOUT, pass_fds=self._lifeline.child_fds,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop the server in order
-            preexec_fn=_die_with_parent,
+            # No parent-death signal: if the launcher dies, the llm model drains and then stops tritonserver
+            # (lifeline.py); a signalled tritonserver would deliver no more responses.
         )
+        self._lifeline.after_start()
         if self.echo:
             self._tee = threading.Thread(target=self._copy_output, daemon=True)
             self._tee.start()
@@ -207,40 +291,88 @@ class TritonServer:
             if rc is not None:
                 raise self._failure(f"tritonserver exited with code {rc} before it was ready")
             if self.is_ready():
+                self._stub_pids = set(self.stub_pids())
                 return self
             if time.monotonic() > deadline:
                 raise self._failure(f"tritonserver not ready after {timeout:.0f}s")
             time.sleep(0.25)
 
-    def stop(self) -> int | None:
-        """SIGINT (graceful unload), then SIGTERM, then SIGKILL to the whole group; returns the exit code."""
+    # ---- supervision -----------------------------------------------------------------------------------
+    def stub_pids(self) -> list[int]:
+        """The Python backend stubs of this server (its process group)."""
+        if self.process is None:
+            return []
+        return [pid for pid, cmd in _group_members(self.process.pid) if _STUB_NAME in cmd]
+
+    def trouble(self) -> str | None:
+        """Why the server can no longer serve, if it cannot: the `llm` model said so, or a stub died (Triton
+        would go on answering ready, and the requests on that stub would wait forever)."""
+        if self._lifeline is not None:
+            reasons = self._lifeline.fatal_reasons()
+            if reasons:
+                return f"the llm model cannot serve: {reasons[0]}"
+        if self._stub_pids:
+            gone = self._stub_pids - set(self.stub_pids())
+            if gone:
+                return f"Python backend stub(s) {sorted(gone)} died"
+        return None
+
+    # ---- stopping --------------------------------------------------------------------------------------
+    def stop(self, kill: bool = False) -> int | None:
+        """Drain (`llm` gives requests in flight shutdown_grace_s), SIGINT (Triton unloads the models and exits),
+        then SIGKILL; whatever is left of the group (stubs) is killed and our shared-memory regions removed.
+        kill=True goes straight to SIGKILL (a stub is dead: its requests would never finish). Returns
+        tritonserver's exit code."""
         proc, rc = self.process, None
         if proc is not None:
-            steps = ((signal.SIGINT, self.exit_timeout_s + 30), (signal.SIGTERM, 10))
-            for sig, wait_s in steps:
-                if proc.poll() is not None:
-                    break
-                proc.send_signal(sig)
-                try:
-                    proc.wait(wait_s)
-                except subprocess.TimeoutExpired:
-                    continue
+            if proc.poll() is None and not kill:
+                self._drain()
+                # Every request has had its answer: what may still hold tritonserver up is an idle stream that a
+                # client keeps open (it holds the unload to the exit timeout); past that, it is killed.
+                _signal_and_wait(proc, ((signal.SIGINT, self.exit_timeout_s + 2),))
+            _kill_group(proc.pid)
             if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # the stubs too (same process group)
-                except ProcessLookupError:
-                    pass
                 proc.wait()
             rc = proc.returncode
             if self._tee:
                 self._tee.join(timeout=5)
             self.process = None
+        if self._lifeline is not None:
+            self._lifeline.close()
+            self._lifeline = None
+        self.remove_shared_memory()
         if self._log_handle:
             self._log_handle.close()
             self._log_handle = None
         if self._own_runtime_dir and self.runtime_dir and rc == 0:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)  # kept after a failure, for its log
         return rc
+
+    def _drain(self) -> None:
+        """Tell `llm` to drain and start unloading it (readiness is false from then on); wait until every
+        instance said its requests all had their final response (at most the grace period and a little)."""
+        self._lifeline.drain(self.shutdown_grace_s)
+        if self._controls_models:
+            request = urllib.request.Request(f"{self.http_url}/v2/repository/models/llm/unload", data=b"{}",
+                                             method="POST", headers={_CONTROL_HEADER: self._control_key})
+            try:
+                urllib.request.urlopen(request, timeout=10).close()
+            except (urllib.error.URLError, OSError):  # no llm in this repository, or the server is failing
+                pass
+        instances = sum(b"/llm/" in cmd for pid, cmd in _group_members(self.process.pid) if _STUB_NAME in cmd)
+        if instances:
+            self._lifeline.wait_idle(instances, self.shutdown_grace_s + 3.0)
+
+    def remove_shared_memory(self) -> None:
+        """The Python backend's regions are named after our prefix; a server that crashed leaves them."""
+        if not self.shm_prefix or not os.path.isdir("/dev/shm"):
+            return
+        for name in os.listdir("/dev/shm"):
+            if name.startswith(self.shm_prefix):
+                try:
+                    os.unlink(os.path.join("/dev/shm", name))
+                except OSError:
+                    pass
 
     def __enter__(self) -> "TritonServer":
         try:

@@ -46,3 +46,17 @@ def prepare_model_repository(source: Path, dest: Path, parameters: dict[str, str
             except text_format.ParseError as e:
                 raise RepositoryError(f"{model / 'config.pbtxt'}: {e}") from None
     return dest
+
+
+def repository_model_dir(repository: str | Path, model: str = "llm") -> Path | None:
+    """The checkpoint a repository's `llm` model serves (its model_dir parameter; relative paths are relative
+    to the model's folder), or None when it has no such model or parameter."""
+    config = Path(repository) / model / "config.pbtxt"
+    if not config.is_file():
+        return None
+    parsed = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
+    value = parsed.parameters["model_dir"].string_value if "model_dir" in parsed.parameters else ""
+    if not value:
+        return None
+    path = Path(value)
+    return path if path.is_absolute() else (config.parent / path).absolute()

@@ -50,6 +50,7 @@ class Responder:
         self._inbox: queue.Queue = queue.Queue()
         self.refusal: str | None = None  # set (any thread reads it) once new requests are refused, and why
         self._drain_deadline: float | None = None
+        self._idle = threading.Event()  # set once draining and no request is open
         self._thread = threading.Thread(target=self._loop, name="pagedllm-sender", daemon=True)
         self._thread.start()
 
@@ -76,6 +77,10 @@ class Responder:
         self.refusal = server_error(UNAVAILABLE, reason)
         self._inbox.put(("fatal", self.refusal))
 
+    def wait_idle(self, timeout: float) -> bool:
+        """After drain(): wait until every open request got its final response."""
+        return self._idle.wait(timeout)
+
     def stop(self, timeout: float = 5.0) -> None:
         self._inbox.put(("stop", None))
         self._thread.join(timeout)
@@ -98,6 +103,8 @@ class Responder:
                 return
             # Nothing raised here may end this thread: every request in flight depends on it.
             guarded(self._handle, kind, arg)
+            if self._drain_deadline is not None and not self.states and self._inbox.empty():
+                self._idle.set()
             if time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + POLL_SECONDS
                 guarded(self._poll)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -115,14 +116,24 @@ class TritonPythonModel:
 
     # ---- life events ----------------------------------------------------------------------------------
     def _watch_launcher(self) -> None:
-        """Drains when `pagedllm serve` asks (or dies); exits the stub if tritonserver itself is gone, rather
-        than live on as an orphan holding memory and shared-memory regions."""
+        """Drains when `pagedllm serve` asks; when it died, drains and then stops tritonserver (nothing else
+        will). Exits the stub if tritonserver itself is gone, rather than live on as an orphan holding memory
+        and shared-memory regions that nothing can reach."""
         parent = os.getppid()
         while not self._stopping.is_set():
-            grace = guarded_value(self._launcher.poll, 1.0)
+            try:
+                grace = self._launcher.poll(1.0)
+            except Exception:
+                log.exception("pagedllm: reading the lifeline failed")
+                grace, self._launcher = None, ModelEnd({})  # go on without it
             if grace is not None:
                 log.info("pagedllm: draining: new requests are refused, those in flight have %.1f s", grace)
                 self.responder.drain(grace)
+                self.responder.wait_idle(grace + 2.0)
+                self._launcher.report_idle()
+                if self._launcher.launcher_gone:
+                    log.warning("pagedllm: the launcher is gone; stopping tritonserver")
+                    os.kill(parent, signal.SIGINT)
             if os.getppid() != parent:
                 _exit_orphaned()
 
@@ -132,7 +143,15 @@ class TritonPythonModel:
         self._launcher.report_fatal(reason)
 
     def finalize(self):
+        """Triton unloads the model once every request had its final response (it waits for streams). An unload
+        without a shutdown drains here too: new requests are refused, those in flight get the grace period, the
+        rest end with an error."""
         self._stopping.set()
+        grace = self._launcher.grace_s
+        log.info("pagedllm: unloading: new requests are refused, those in flight have %.1f s", grace)
+        self.responder.drain(grace)
+        if not self.responder.wait_idle(grace + 2.0):
+            log.warning("pagedllm: requests still open after the grace period")
         self._intake.shutdown(wait=True, cancel_futures=False)
         self.engine_thread.stop()
         self.responder.stop()
@@ -165,14 +184,6 @@ class _Counter:
 def _input(request, name: str):
     t = pb_utils.get_input_tensor_by_name(request, name)
     return None if t is None else t.as_numpy()
-
-
-def guarded_value(fn, *args):
-    try:
-        return fn(*args)
-    except Exception:
-        log.exception("pagedllm: %s failed", getattr(fn, "__name__", fn))
-        return None
 
 
 def _exit_orphaned() -> None:

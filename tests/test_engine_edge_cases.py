@@ -49,9 +49,11 @@ def test_only_the_checkpoints_own_weight_files_are_loaded(tiny_llama_dir, tmp_pa
     d = _copy_checkpoint(tiny_llama_dir, tmp_path / "ckpt")
     save_file({"tok_embeddings.weight": torch.zeros(8, 8), "norm.weight": torch.zeros(64)},
               d / "consolidated.safetensors")
+    from pagedllm.model.spec import load_model_spec
+
     with safe_open(str(d / "model.safetensors"), "pt") as f:
-        own = set(f.keys())
-    assert set(load_weights(d, torch.float32, torch.device("cpu"))) == own
+        own = {k.removeprefix("model.") for k in f.keys()}
+    assert set(load_weights(d, load_model_spec(d), torch.float32, torch.device("cpu"))) == own
 
 
 def _add_tensors(model_dir, extra: dict):
@@ -122,3 +124,34 @@ def test_embeddings_that_overflow_the_model_dtype_are_refused(tiny_llama_dir):
     with pytest.raises(InvalidRequest, match="prompt_embeds_fp32: .*float16"):
         engine.make_request("r", SamplingParams(), prompt_embeds=embeds, prompt_name="prompt_embeds_fp32")
     engine.make_request("ok", SamplingParams(), prompt_embeds=embeds.clamp(max=1e4))
+
+
+@pytest.mark.parametrize("name, shape", [("model.embed_tokens.weight", (512, 32)),
+                                         ("model.layers.1.self_attn.k_proj.weight", (64, 64)),
+                                         ("model.layers.0.mlp.down_proj.weight", (64, 96))])
+def test_a_weight_whose_shape_disagrees_with_the_config_is_refused_at_load_by_name(tiny_llama_dir, tmp_path,
+                                                                                    name, shape):
+    """An embed_tokens of the wrong width loaded, the server reported ready, and every request then failed with
+    an internal error. Each tensor's shape is checked against the config before its data is read."""
+    import torch
+
+    from pagedllm.errors import CheckpointError
+
+    d = _copy_checkpoint(tiny_llama_dir, tmp_path / "ckpt")
+    _add_tensors(d, {name: torch.zeros(shape)})  # replaces the tensor of that name
+    with pytest.raises(CheckpointError, match=rf"{name}: shape \[{shape[0]}, {shape[1]}\] does not match"):
+        LLMEngine(EngineConfig(model_dir=str(d), num_kv_blocks=8))
+
+
+def test_a_missing_weight_is_refused_by_name(tiny_llama_dir, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from pagedllm.errors import CheckpointError
+
+    d = _copy_checkpoint(tiny_llama_dir, tmp_path / "ckpt")
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "model.layers.1.mlp.up_proj.weight"}
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="lacks layers.1.mlp.up_proj.weight"):
+        LLMEngine(EngineConfig(model_dir=str(d), num_kv_blocks=8))

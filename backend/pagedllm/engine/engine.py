@@ -79,7 +79,7 @@ class LLMEngine:
         max_model_len = config.max_model_len or self.spec.max_position_embeddings
         if self.spec.sliding_window:  # we attend to the whole context: stay within the window
             max_model_len = min(max_model_len, self.spec.sliding_window)
-        weights = load_weights(config.model_dir, self.dtype, self.device)
+        weights = load_weights(config.model_dir, self.spec, self.dtype, self.device)
         self.model = LlamaForCausalLM(self.spec, weights, self.ops, max_positions=max_model_len)
         del weights
 
@@ -118,7 +118,7 @@ class LLMEngine:
             self.block_manager.enable_prefix_caching = caching
 
     def _default_num_blocks(self, block_size: int) -> int:
-        per_block = ModelRunner.kv_bytes_per_block(self.spec, block_size, self.dtype)
+        per_block = ModelRunner.kv_bytes_per_block(self.spec, block_size, self.dtype, self.model.num_kv_heads)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return max(1, int(free * self.config.kv_cache_memory_fraction) // per_block)

@@ -16,7 +16,7 @@ class ModelRunner:
         self.model = model
         self.device = model.device
         self.block_size = block_size
-        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        shape = (num_blocks, block_size, model.num_kv_heads, spec.head_dim)  # this rank's KV heads
         self.kv_caches = [(torch.zeros(shape, dtype=model.dtype, device=self.device),
                            torch.zeros(shape, dtype=model.dtype, device=self.device))
                           for _ in range(spec.num_layers)]
@@ -25,9 +25,11 @@ class ModelRunner:
         self._host_read: torch.cuda.Event | None = None  # recorded after the last copy out of _host (CUDA)
 
     @staticmethod
-    def kv_bytes_per_block(model_spec, block_size: int, dtype: torch.dtype) -> int:
+    def kv_bytes_per_block(model_spec, block_size: int, dtype: torch.dtype, num_kv_heads: int) -> int:
+        """K and V of every layer for one block, for num_kv_heads heads (a rank's share under tensor
+        parallelism)."""
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * model_spec.num_layers * block_size * model_spec.num_kv_heads * model_spec.head_dim * elem
+        return 2 * model_spec.num_layers * block_size * num_kv_heads * model_spec.head_dim * elem
 
     def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """Move the step's int32 metadata to the device in one copy: packed into one (pinned, on CUDA) host

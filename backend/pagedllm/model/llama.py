@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import CheckpointError
 from .rope import rope_cos_sin
 from .spec import ModelSpec
+from .weights import FULL, Shard
 from .metadata import AttentionMetadata
 
 
@@ -32,31 +32,21 @@ class _Layer:
     down_weight: torch.Tensor
 
 
-def _strip_prefix(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Checkpoints name decoder weights `model.layers...`; some (e.g. exported bare models) drop `model.`."""
-    out = {}
-    for name, t in weights.items():
-        out[name[len("model."):] if name.startswith("model.") else name] = t
-    return out
-
-
 class LlamaForCausalLM:
-    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], ops, max_positions: int):
+    """`weights` as model/weights.load_weights gives them (checked, and this rank's part under tensor
+    parallelism); `all_reduce` sums a row-parallel projection's partial outputs across ranks (None: one rank)."""
+
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], ops, max_positions: int,
+                 shard: Shard = FULL, all_reduce=None):
         self.spec = spec
         self.ops = ops
-        w = _strip_prefix(weights)
+        self.num_heads, self.num_kv_heads = shard.local_heads(spec)
+        self._all_reduce = all_reduce or (lambda t: t)
+        w = dict(weights)
         self.embed_weight = w.pop("embed_tokens.weight")
         self.final_norm = w.pop("norm.weight")
-        lm_head = w.pop("lm_head.weight", None)
-        self.lm_head = self.embed_weight if lm_head is None or spec.tie_word_embeddings else lm_head
+        self.lm_head = w.pop("lm_head.weight", self.embed_weight)  # absent when tied (or not rank 0)
         self.layers = [self._take_layer(w, i) for i in range(spec.num_layers)]
-        # Whatever is left would be silently ignored: an o_proj / MLP bias, quantization scales. Refuse rather
-        # than serve a different model (old conversions carry RoPE's inv_freq buffers, which are recomputed).
-        unused = sorted(n for n in w if not n.endswith("rotary_emb.inv_freq"))
-        if unused:
-            more = f" and {len(unused) - 1} more" if len(unused) > 1 else ""
-            raise CheckpointError(f"the checkpoint has weights pagedllm does not use: {unused[0]}{more} "
-                                  f"(an unsupported variant of {spec.model_type}, or a quantized checkpoint)")
         self.cos_sin = rope_cos_sin(spec, max_positions).to(self.embed_weight.device)
         self.scale = spec.head_dim ** -0.5
         self.dtype = self.embed_weight.dtype
@@ -101,17 +91,18 @@ class LlamaForCausalLM:
             hidden = self._attention(layer, hidden, positions, meta, k_cache, v_cache)
             hidden = ops.rms_norm(hidden, layer.post_norm, eps, residual)
             hidden = F.linear(ops.silu_and_mul(F.linear(hidden, layer.gate_up_weight)), layer.down_weight)
+            hidden = self._all_reduce(hidden)  # down is row-parallel: sum the ranks' partial outputs
         return ops.rms_norm(hidden, self.final_norm, eps, residual)
 
     def _attention(self, layer: _Layer, hidden: torch.Tensor, positions: torch.Tensor,
                    meta: AttentionMetadata, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         s, num_tokens = self.spec, hidden.shape[0]
+        heads, kv_heads = self.num_heads, self.num_kv_heads  # this rank's
         qkv = F.linear(hidden, layer.qkv_weight, layer.qkv_bias)
-        q, k, v = qkv.split((s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim,
-                             s.num_kv_heads * s.head_dim), dim=-1)
-        q = q.reshape(num_tokens, s.num_heads, s.head_dim)
-        k = k.reshape(num_tokens, s.num_kv_heads, s.head_dim)
-        v = v.reshape(num_tokens, s.num_kv_heads, s.head_dim)
+        q, k, v = qkv.split((heads * s.head_dim, kv_heads * s.head_dim, kv_heads * s.head_dim), dim=-1)
+        q = q.reshape(num_tokens, heads, s.head_dim)
+        k = k.reshape(num_tokens, kv_heads, s.head_dim)
+        v = v.reshape(num_tokens, kv_heads, s.head_dim)
         if layer.q_norm is not None:  # Qwen3: RMSNorm over each head before RoPE
             q = self.ops.rms_norm(q.reshape(-1, s.head_dim), layer.q_norm, s.rms_norm_eps).view_as(q)
             k = self.ops.rms_norm(k.reshape(-1, s.head_dim), layer.k_norm, s.rms_norm_eps).view_as(k)
@@ -119,7 +110,7 @@ class LlamaForCausalLM:
         out = self.ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
                                        meta.seq_lens, self.scale, max_query_len=meta.max_query_len,
                                        max_seq_len=meta.max_seq_len)
-        return F.linear(out.reshape(num_tokens, -1), layer.o_weight)
+        return self._all_reduce(F.linear(out.reshape(num_tokens, -1), layer.o_weight))  # o is row-parallel
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""

@@ -10,6 +10,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..errors import InvalidRequest
+from ..model.spec import resolve_model
 from .embedder import Embedder
 
 
@@ -20,6 +21,7 @@ class TritonPythonModel:
         model_dir = params.get("model_dir") or os.environ.get("PAGEDLLM_MODEL_DIR", "")
         if not model_dir:
             raise ValueError("the embed model needs a checkpoint: set the `model_dir` parameter in config.pbtxt")
+        model_dir = str(resolve_model(model_dir, relative_to=args["model_repository"]))  # as llm resolves it
         soft_prompt = params.get("soft_prompt") or None
         if soft_prompt and not os.path.isabs(soft_prompt):
             soft_prompt = os.path.join(args["model_repository"], soft_prompt)
@@ -46,7 +48,9 @@ class TritonPythonModel:
                     raise InvalidRequest("text_input: the prompt is empty")
                 token_ids = self.embedder.token_ids(value, chat)
             else:
-                token_ids = ids.as_numpy().reshape(-1).tolist()
+                ids = ids.as_numpy().reshape(-1)
+                self.embedder.check_count(ids.size)  # before anything proportional to it
+                token_ids = ids.tolist()
             embeds = self.embedder.embed(token_ids).numpy().astype(np.float16)
         except InvalidRequest as e:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))

@@ -9,8 +9,9 @@ import torch
 from safetensors import safe_open
 
 from ..errors import InvalidRequest
+from ..model.spec import load_model_spec
 from ..model.weights import load_tensor
-from ..tokenizer import load_tokenizer, prompt_token_ids
+from ..tokenizer import load_tokenizer, max_token_chars, prompt_token_ids
 
 
 def load_soft_prompt(path: str | Path, hidden_size: int) -> torch.Tensor:
@@ -27,10 +28,15 @@ def load_soft_prompt(path: str | Path, hidden_size: int) -> torch.Tensor:
 
 
 class Embedder:
+    """Refuses, before any work proportional to their size, prompts longer than the checkpoint's
+    max_position_embeddings (no model behind it could take them): token ids by count, texts by characters."""
+
     def __init__(self, model_dir: str, soft_prompt: str | None = None, dtype=torch.float16):
         self.weight = load_tensor(model_dir).to(dtype)
         self.tokenizer = load_tokenizer(model_dir)
         self.soft_prompt = load_soft_prompt(soft_prompt, self.hidden_size).to(dtype) if soft_prompt else None
+        self.max_len = load_model_spec(model_dir).max_position_embeddings
+        self.max_chars = None if self.tokenizer is None else self.max_len * max_token_chars(self.tokenizer)
 
     @property
     def hidden_size(self) -> int:
@@ -43,10 +49,18 @@ class Embedder:
     def token_ids(self, text: str, chat: bool) -> list[int]:
         if self.tokenizer is None:
             raise InvalidRequest("text_input: this checkpoint has no tokenizer; send input_ids")
+        if len(text) > self.max_chars:
+            raise InvalidRequest(f"text_input: the prompt has {len(text)} characters, more than the model length "
+                                 f"of {self.max_len} tokens can hold (at most {self.max_chars} characters)")
         return prompt_token_ids(self.tokenizer, text, chat)
+
+    def check_count(self, n: int) -> None:
+        if n > self.max_len:
+            raise InvalidRequest(f"input_ids: the prompt has {n} tokens but the model length is {self.max_len}")
 
     def embed(self, ids: list[int]) -> torch.Tensor:
         """[len(ids) (+ soft prompt rows), hidden_size] in the embedder's dtype."""
+        self.check_count(len(ids))
         if not ids:
             raise InvalidRequest("input_ids: the prompt is empty")
         bad = [t for t in ids if not 0 <= t < self.vocab_size]

@@ -141,3 +141,26 @@ def test_a_preempted_sequence_restarts_after_its_own_cached_blocks():
     sched.finish(a, "stop")
     assert run(sched, cache=True) == [("b", 16)]  # recomputes only its second block (prompt + sampled token)
     assert sched.block_manager.num_cached_tokens_hit == 16
+
+
+def test_prefill_chunks_are_bounded_while_a_sequence_decodes():
+    """Long prompts arriving must not stretch the step that a decoding stream waits on: while any sequence
+    decodes, prefill chunks together take at most max_prefill_tokens_while_decoding tokens a step."""
+    sched = Scheduler(BlockManager(64, 16), max_num_seqs=8, max_num_batched_tokens=100,
+                      max_prefill_tokens_while_decoding=10)
+    sched.add(seq("a", 5))
+    assert run(sched) == [("a", 5)]
+    sched.add(seq("b", 30))
+    sched.add(seq("c", 30))
+    assert run(sched) == [("a", 1), ("b", 10)]  # a decodes: b gets the 10 prefill tokens, c waits
+    assert run(sched) == [("a", 1), ("b", 10)]
+    assert run(sched) == [("a", 1), ("b", 10)]  # b's prompt is done: it samples
+    assert run(sched) == [("a", 1), ("b", 1), ("c", 10)]
+
+
+def test_with_nothing_decoding_prefill_takes_the_whole_step_budget():
+    sched = Scheduler(BlockManager(64, 16), max_num_seqs=8, max_num_batched_tokens=100,
+                      max_prefill_tokens_while_decoding=10)
+    sched.add(seq("x", 40))
+    sched.add(seq("y", 40))
+    assert run(sched) == [("x", 40), ("y", 40)]

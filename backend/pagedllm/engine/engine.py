@@ -27,6 +27,9 @@ from .sequence import Sequence
 log = logging.getLogger("pagedllm")
 
 CPU_DEFAULT_KV_TOKENS = 16384
+# On CPU a step's time grows with its tokens: this bound keeps the running streams' inter-token gap within
+# about 3x of a decode-only step while long prompts prefill (bench/fairness.py, bench/RESULTS.md).
+CPU_PREFILL_TOKENS_WHILE_DECODING = 64
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,7 +93,8 @@ class LLMEngine:
         # A sequence must always fit in the cache by itself, or preemption could never make room for it.
         self.max_model_len = min(max_model_len, num_blocks * bs)
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self._prefill_bound(config.max_prefill_tokens_while_decoding))
         self.runner = ModelRunner(self.model, num_blocks, bs)
         self.eos_token_ids = frozenset(self.spec.eos_token_ids)
         # The longest text that could still fit in max_model_len tokens: longer ones are refused untokenized.
@@ -116,6 +120,11 @@ class LLMEngine:
                 self.step()
         finally:
             self.block_manager.enable_prefix_caching = caching
+
+    def _prefill_bound(self, setting: int) -> int:
+        if setting >= 0:
+            return setting
+        return 0 if self.device.type == "cuda" else CPU_PREFILL_TOKENS_WHILE_DECODING
 
     def _default_num_blocks(self, block_size: int) -> int:
         per_block = ModelRunner.kv_bytes_per_block(self.spec, block_size, self.dtype, self.model.num_kv_heads)

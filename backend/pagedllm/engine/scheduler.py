@@ -3,6 +3,9 @@
 Each step has a token budget (max_num_batched_tokens). Running sequences go first, oldest first: a decoding
 sequence takes one token, one still in prefill takes the next chunk of its prompt. Waiting sequences join
 with what budget is left, so a new request starts its prefill at the next step while others keep decoding.
+While any sequence is decoding, prefill chunks together take at most max_prefill_tokens_while_decoding tokens
+a step: a step's time is what every decoding stream waits between two tokens, and long prompts arriving must
+not stretch it (their prefill proceeds in smaller chunks instead).
 When the cache runs out of blocks, the newest running sequence is preempted: its blocks are freed and it
 goes back to the front of the queue, to be recomputed (prompt plus tokens so far) when room returns.
 With prefix caching, a sequence that starts (or restarts) first takes the cached blocks that already hold its
@@ -34,10 +37,12 @@ class ScheduledSequence:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_prefill_tokens_while_decoding: int = 0):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_tokens_while_decoding = max_prefill_tokens_while_decoding  # 0: no bound
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -58,15 +63,27 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
+    def _prefill_budget(self) -> int:
+        """Prefill tokens this step may take: bounded while some running sequence is decoding."""
+        cap = self.max_prefill_tokens_while_decoding
+        if cap and any(s.num_tokens - s.num_computed_tokens == 1 for s in self.running):
+            return cap
+        return self.max_num_batched_tokens
+
     def schedule(self) -> list[ScheduledSequence]:
         budget = self.max_num_batched_tokens
+        prefill_budget = self._prefill_budget()
         scheduled: list[ScheduledSequence] = []
         bm = self.block_manager
 
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            n = min(remaining, budget) if remaining == 1 else min(remaining, budget, prefill_budget)
+            if n == 0:  # a prefill with no prefill budget left this step: it goes on next step
+                i += 1
+                continue
             while not bm.can_grow(seq, seq.num_computed_tokens + n) and self.running[-1] is not seq:
                 self._preempt(self.running.pop())
             if not bm.can_grow(seq, seq.num_computed_tokens + n):
@@ -75,13 +92,15 @@ class Scheduler:
             bm.grow(seq, seq.num_computed_tokens + n)
             scheduled.append(ScheduledSequence(seq, n))
             budget -= n
+            if remaining > 1:
+                prefill_budget -= n
             i += 1
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and min(budget, prefill_budget) > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]  # not started (new or preempted): it holds no blocks
             prefix = bm.match_prefix(seq)  # cached blocks it can reuse: its prefill starts after them
             start = len(prefix) * bm.block_size
-            n = min(seq.num_tokens - start, budget)
+            n = min(seq.num_tokens - start, budget, prefill_budget)
             if not bm.can_grow(seq, start + n, prefix):
                 break
             bm.grow(seq, start + n, prefix)
@@ -92,6 +111,7 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, n))
             budget -= n
+            prefill_budget -= n
         return scheduled
 
     def update_from_output(self, batch: list[ScheduledSequence], sampled: list[int]) -> list[tuple[Sequence, int]]:

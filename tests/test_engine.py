@@ -241,3 +241,26 @@ def test_step_outputs_are_snapshots_the_engine_does_not_change_later(llama):
     outs = run_to_completion(engine)["r"]
     assert [o.num_output_tokens for o in outs] == list(range(1, MAX_TOKENS + 1))
     assert [o.finish_reason for o in outs] == [None] * (MAX_TOKENS - 1) + ["length"]
+
+
+@pytest.mark.parametrize("n", [3, 5, 9])
+def test_the_padded_decode_path_matches_eager_and_transformers(llama, n):
+    """Decode steps padded to the captured sizes (cuda_graphs on: on CPU the same path without capture) give
+    what unpadded steps give: batches off the ladder, sequences finishing mid-batch, preemption, prefix hits."""
+    ps = [p for p in prompts(seed=20)] + [p for p in prompts(seed=21)]
+    ps = ps[:n]
+    shared = prompts(seed=22)[4]  # 53 tokens: 3 full blocks two requests share
+    requests = {f"r{i}": {"prompt_token_ids": p, "params": SamplingParams(max_tokens=4 + 3 * i, temperature=0)}
+                for i, p in enumerate(ps)}
+    requests["s1"] = {"prompt_token_ids": shared + [7], "params": GREEDY}
+    requests["s2"] = {"prompt_token_ids": shared + [9], "params": GREEDY}
+    got = {}
+    for cuda_graphs in (True, False):
+        engine = make_engine(llama, num_kv_blocks=9, cuda_graphs=cuda_graphs)  # too few: preemption
+        assert (engine.runner.static is not None) == cuda_graphs
+        got[cuda_graphs] = run_all(engine, {k: dict(v) for k, v in requests.items()})
+        assert engine.scheduler.num_preemptions > 0 and engine.block_manager.num_cached_tokens_hit > 0
+    assert got[True] == got[False]
+    for i, p in enumerate(ps):
+        assert got[True][f"r{i}"] == hf_greedy(llama, ids=p, max_new_tokens=4 + 3 * i)
+    assert got[True]["s1"] == hf_greedy(llama, ids=shared + [7], max_new_tokens=MAX_TOKENS)

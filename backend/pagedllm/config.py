@@ -26,6 +26,10 @@ class EngineConfig:
     # token; on CUDA no bound beyond max_num_batched_tokens, as vLLM); 0: no bound.
     max_prefill_tokens_while_decoding: int = -1
     enable_prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix that an earlier request computed
+    # Decode steps padded to a ladder of batch sizes over buffers made once, and on CUDA replayed as CUDA graphs
+    # captured at start-up (on CPU the same padded path runs eagerly). False: every step eager, unpadded.
+    cuda_graphs: bool = True
+    tensor_parallel_size: int = 1  # ranks the model is split across (one process each; see parallel.py)
 
     @classmethod
     def from_strings(cls, values: dict[str, str]) -> "EngineConfig":

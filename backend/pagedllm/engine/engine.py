@@ -95,7 +95,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self._prefill_bound(config.max_prefill_tokens_while_decoding))
-        self.runner = ModelRunner(self.model, num_blocks, bs)
+        self.runner = ModelRunner(self.model, num_blocks, bs, config.max_num_seqs, config.max_num_batched_tokens,
+                                  self.max_model_len, static_decode=config.cuda_graphs, cuda_graphs=config.cuda_graphs)
         self.eos_token_ids = frozenset(self.spec.eos_token_ids)
         # The longest text that could still fit in max_model_len tokens: longer ones are refused untokenized.
         self.max_prompt_chars = None if self.tokenizer is None else \

@@ -109,7 +109,7 @@ class LlamaForCausalLM:
         self.ops.rope_and_write_kv(q, k, v, positions, self.cos_sin, k_cache, v_cache, meta.slot_mapping)
         out = self.ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
                                        meta.seq_lens, self.scale, max_query_len=meta.max_query_len,
-                                       max_seq_len=meta.max_seq_len)
+                                       max_seq_len=meta.max_seq_len, **meta.attention_options)
         return self._all_reduce(F.linear(out.reshape(num_tokens, -1), layer.o_weight))  # o is row-parallel
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """What one forward pass needs to know about where its tokens sit in the paged KV cache."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,3 +14,6 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
     max_query_len: int  # host-side maxima, so kernels need no device->host sync
     max_seq_len: int
+    # Launch options for the attention op (a CUDA graph's fixed split count and scratch workspace); empty for
+    # eager steps, which let the op choose.
+    attention_options: dict = field(default_factory=dict)

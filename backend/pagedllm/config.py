@@ -16,7 +16,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16  (auto: bf16/fp16 on CUDA, fp32 on CPU)
     kernels: str = "auto"  # auto | triton | torch  (auto: triton on CUDA, torch on CPU)
     block_size: int = 16  # tokens per KV block, a power of two >= 16
-    num_kv_blocks: int = 0  # 0: from kv_cache_memory_fraction (CUDA), or engine.CPU_DEFAULT_KV_TOKENS' worth (CPU)
+    num_kv_blocks: int = 0  # 0: from kv_cache_memory_fraction (CUDA), or rank.CPU_DEFAULT_KV_TOKENS' worth (CPU)
     kv_cache_memory_fraction: float = 0.9  # of the GPU memory left after the weights
     max_num_seqs: int = 64  # sequences decoded together at most
     max_model_len: int = 0  # 0: the checkpoint's max_position_embeddings
@@ -57,3 +57,13 @@ def _cast(default, raw: str, name: str):
         return raw
     except ValueError as e:
         raise ValueError(f"engine parameter {name!r}: cannot parse {raw!r}") from e
+
+
+def instance_device(device: str, instance_kind: str, device_id: str) -> str:
+    """The device an instance runs on. A KIND_GPU instance runs on the GPU Triton gave it (instance_group's
+    `gpus`: one instance per listed GPU), unless the `device` parameter names one; with tensor parallelism its
+    ranks take that GPU and the next ones. KIND_CPU and KIND_MODEL instances keep `device` (auto: a GPU when
+    there is one, else the CPU)."""
+    if instance_kind == "GPU" and device in ("auto", "cuda"):
+        return f"cuda:{int(device_id)}"
+    return device

@@ -10,50 +10,27 @@ import random
 
 import torch
 
+import torch.distributed as dist
+
 from ..config import EngineConfig
-from ..kernels import get_ops
 from ..errors import InvalidRequest
 from ..model.spec import load_model_spec
-from ..model.weights import load_weights
-from ..model.llama import LlamaForCausalLM
+from ..model.weights import Shard
 from ..sampling_params import SamplingParams
 from ..tokenizer import load_tokenizer, max_token_chars, text_token_ids
 from .block_manager import BlockManager, embeds_digests
-from .model_runner import ModelRunner
+from .model_runner import Distributed
+from .parallel import Workers
+from .rank import build_rank, resolve_device
 from .request import Request, StepOutput
 from .scheduler import Scheduler
 from .sequence import Sequence
 
 log = logging.getLogger("pagedllm")
 
-CPU_DEFAULT_KV_TOKENS = 16384
 # On CPU a step's time grows with its tokens: this bound keeps the running streams' inter-token gap within
 # about 3x of a decode-only step while long prompts prefill (bench/fairness.py, bench/RESULTS.md).
 CPU_PREFILL_TOKENS_WHILE_DECODING = 64
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda was asked for but no CUDA GPU is visible")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None = None) -> torch.dtype:
-    """auto: float32 on CPU; on CUDA fp16 for fp16 checkpoints (what they were trained and tested in), else
-    bf16 (bf16 checkpoints can overflow fp16's range; fp32 ones are cast to half the memory)."""
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        if checkpoint_dtype == "float16" or not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name not in dtypes:
-        raise ValueError(f"dtype must be one of auto, {', '.join(dtypes)}; got {name!r}")
-    return dtypes[name]
 
 
 def _check_config(config: EngineConfig) -> None:
@@ -73,39 +50,40 @@ class LLMEngine:
         _check_config(config)
         self.config = config
         self.spec = load_model_spec(config.model_dir)
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device, self.spec.torch_dtype)
-        kernels = config.kernels if config.kernels != "auto" else ("triton" if self.device.type == "cuda" else "torch")
-        self.ops = get_ops(kernels)
         self.tokenizer = load_tokenizer(config.model_dir)
-
-        max_model_len = config.max_model_len or self.spec.max_position_embeddings
-        if self.spec.sliding_window:  # we attend to the whole context: stay within the window
-            max_model_len = min(max_model_len, self.spec.sliding_window)
-        weights = load_weights(config.model_dir, self.spec, self.dtype, self.device)
-        self.model = LlamaForCausalLM(self.spec, weights, self.ops, max_positions=max_model_len)
-        del weights
-
-        bs = config.block_size
-        if bs < 16 or bs & (bs - 1):
-            raise ValueError(f"block_size must be a power of two >= 16, got {bs}")
-        num_blocks = config.num_kv_blocks or self._default_num_blocks(bs)
-        # A sequence must always fit in the cache by itself, or preemption could never make room for it.
-        self.max_model_len = min(max_model_len, num_blocks * bs)
-        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+        # Tensor parallelism: the workers start first, so that they load their shards while rank 0 loads its own.
+        self.workers = None
+        distributed = None
+        if config.tensor_parallel_size > 1:
+            Shard(0, config.tensor_parallel_size).check(self.spec)
+            self.workers = Workers(config, resolve_device(config.device))
+            self.workers.join()
+            distributed = Distributed(self.workers.broadcast)
+        rank = build_rank(config, self.spec, 0, distributed)
+        self.device, self.dtype, self.ops, self.model = rank.device, rank.dtype, rank.ops, rank.model
+        self.runner, self.max_model_len = rank.runner, rank.max_model_len
+        self.block_manager = BlockManager(rank.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self._prefill_bound(config.max_prefill_tokens_while_decoding))
-        self.runner = ModelRunner(self.model, num_blocks, bs, config.max_num_seqs, config.max_num_batched_tokens,
-                                  self.max_model_len, static_decode=config.cuda_graphs, cuda_graphs=config.cuda_graphs)
         self.eos_token_ids = frozenset(self.spec.eos_token_ids)
         # The longest text that could still fit in max_model_len tokens: longer ones are refused untokenized.
         self.max_prompt_chars = None if self.tokenizer is None else \
             self.max_model_len * max_token_chars(self.tokenizer)
         self._requests: dict[str, Request] = {}  # added and not finished
-        log.info("pagedllm engine: %s on %s/%s, kernels=%s, %d KV blocks of %d tokens, max_model_len=%d",
-                 self.spec.model_type, self.device, self.dtype, self.ops.name, num_blocks, bs, self.max_model_len)
+        log.info("pagedllm engine: %s on %s/%s, kernels=%s, tensor_parallel_size=%d, max_model_len=%d, "
+                 "cuda_graphs=%s", self.spec.model_type, self.device, self.dtype, self.ops.name,
+                 config.tensor_parallel_size, self.max_model_len, config.cuda_graphs)
         if self.device.type == "cuda":
             self.warmup()
+
+    def worker_failure(self) -> str | None:
+        """Which tensor-parallel rank died, if one did (the engine cannot serve without it)."""
+        return None if self.workers is None else self.workers.failure()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do with one rank)."""
+        if self.workers is not None:
+            self.workers.stop(lambda: dist.broadcast(self.runner.stop_message(), src=0))
 
     def warmup(self) -> None:
         """Run one short request through prefill and decode, so that the Triton kernels are compiled (about a
@@ -126,13 +104,6 @@ class LLMEngine:
         if setting >= 0:
             return setting
         return 0 if self.device.type == "cuda" else CPU_PREFILL_TOKENS_WHILE_DECODING
-
-    def _default_num_blocks(self, block_size: int) -> int:
-        per_block = ModelRunner.kv_bytes_per_block(self.spec, block_size, self.dtype, self.model.num_kv_heads)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return max(1, int(free * self.config.kv_cache_memory_fraction) // per_block)
-        return CPU_DEFAULT_KV_TOKENS // block_size
 
     # ---- requests (any thread) ------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:

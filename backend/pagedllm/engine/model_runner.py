@@ -24,7 +24,7 @@ from ..model.llama import LlamaForCausalLM
 from ..model.metadata import AttentionMetadata
 from .sampler import Sampler
 from .scheduler import ScheduledSequence
-from .step_message import STEP, Header, MessageLayout, StepViews, fill, views
+from .step_message import STEP, STOP, Header, MessageLayout, StepViews, fill, views
 
 log = logging.getLogger("pagedllm")
 
@@ -180,10 +180,13 @@ class ModelRunner:
 
     # ---- every rank: the forward pass --------------------------------------------------------------------
     @torch.inference_mode()
-    def forward_message(self, message: torch.Tensor, embed_rows: torch.Tensor | None) -> None:
+    def forward_message(self, message: torch.Tensor, header: Header, embed_rows: torch.Tensor | None) -> None:
         """The other ranks' side of a step: the same forward pass on the message rank 0 sent (no logits)."""
-        header = Header.read(message[:self.layout.header_len].cpu().numpy())
         self._forward(message, header, embed_rows, logits=False)
+
+    def stop_message(self) -> torch.Tensor:
+        """The message that tells the other ranks to stop (the device copy on CUDA, as every message)."""
+        return self._upload(Header(STOP), [])
 
     def _forward(self, message: torch.Tensor, header: Header, embed_rows: torch.Tensor | None,
                  logits: bool = True) -> torch.Tensor | None:

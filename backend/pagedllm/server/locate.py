@@ -119,6 +119,7 @@ def python_environment(extra_paths=()) -> dict[str, str]:
     packages = [_PACKAGE_DIR.parent] + ([client_dir] if client_dir.is_dir() else [])
     _prepend(env, "PYTHONPATH", [*packages, *extra_paths])
     env["PYTHONUNBUFFERED"] = "1"  # prints reach the logs as they happen
+    env.setdefault("PAGEDLLM_PYTHON", sys.executable)  # tensor-parallel workers: the stub's sys.executable is the stub
     return env
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import Callable
 
 from ..engine.engine import LLMEngine
@@ -34,6 +35,18 @@ class EngineThread:
         self._failed_steps = 0
         self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
         self._thread.start()
+        if engine.workers is not None:  # a dead rank can leave the engine thread blocked in a collective
+            self._watchdog = threading.Thread(target=self._watch_workers, name="pagedllm-ranks", daemon=True)
+            self._watchdog.start()
+
+    def _watch_workers(self) -> None:
+        while not self._stopping:
+            failure = self.engine.worker_failure()
+            if failure:
+                log.error("pagedllm: %s", failure)
+                self._on_fatal(failure)
+                return
+            time.sleep(0.5)
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
@@ -48,6 +61,7 @@ class EngineThread:
         self._stopping = True
         self._inbox.put(("stop", None))
         self._thread.join(timeout)
+        self.engine.close()
 
     def _handle(self, kind: str, arg) -> list[StepOutput]:
         if kind == "add":

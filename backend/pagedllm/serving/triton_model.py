@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import triton_python_backend_utils as pb_utils
 
-from ..config import EngineConfig
+from ..config import EngineConfig, instance_device
 from ..engine.engine import LLMEngine
 from ..errors import INTERNAL, UNAVAILABLE, InvalidRequest, server_error
 from ..lifeline import ModelEnd
@@ -42,6 +42,8 @@ def _engine_config(args: dict) -> EngineConfig:
     if not cfg.model_dir:
         raise ValueError("the llm model needs a checkpoint: set the `model_dir` parameter in config.pbtxt")
     cfg.model_dir = str(resolve_model(cfg.model_dir, relative_to=args["model_repository"]))
+    cfg.device = instance_device(cfg.device, args.get("model_instance_kind", ""),
+                                 args.get("model_instance_device_id", "0"))
     return cfg
 
 

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # On a CUDA machine (no tritonserver needed), in two phases:
 #   A. correctness, in parallel (timings don't matter yet): the kernel tests compiled for this GPU
-#      (TRITON_INTERPRET unset) beside the engine's greedy parity with transformers on CUDA (fp32, Triton kernels);
-#   B. timings, one at a time on a quiet GPU: bench/kernels.py --tune (each kernel against its torch baseline,
-#      then a sweep of attention launch configs), bench/engine.py (the engine against transformers generate).
+#      (TRITON_INTERPRET unset) beside the engine's greedy parity with transformers on CUDA (fp32, Triton kernels,
+#      CUDA graphs on: the default);
+#   B. timings, one at a time on a quiet GPU: bench/decode.py (ms per decode step and tok/s at batch 1, 8, 32, 64
+#      for the Llama-3-8B shape and a ~0.5B one, CUDA graphs on and off, as a fraction of copy bandwidth),
+#      bench/profile_step.py (a torch.profiler table of the 8B decode step at batch 8 and 32: the batch-32
+#      cliff), bench/kernels.py --tune (each kernel against its torch baseline, then a sweep of attention launch
+#      configs), bench/engine.py (the engine against transformers generate).
 # A short table comes last. Installs nothing; each stage has a time limit, so one that hangs cannot eat the
 # others' time. Usage: bench/gpu_check.sh [OUT_DIR]   (default bench/out). Writes OUT/check.log (everything),
-# kernels.json/.png, engine.json/.png.
+# decode.json/.png, profile.txt, kernels.json/.png, engine.json/.png.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench/out}"
@@ -47,6 +51,10 @@ tail -n 25 "$LOG"
 echo "phase A done at $((SECONDS - T0)) s" | tee -a "$LOG"
 
 # ---- B: timings (one at a time) -------------------------------------------------------------------------------
+timeout 300 "$PY" bench/decode.py --device cuda --out "$OUT" 2>&1 | tee -a "$LOG"
+DECODE=${PIPESTATUS[0]}
+echo "decode bench done at $((SECONDS - T0)) s" | tee -a "$LOG"
+timeout 120 "$PY" bench/profile_step.py --batch 8 32 --out "$OUT" 2>&1 | tail -n 60 | tee -a "$LOG"
 timeout 240 "$PY" bench/kernels.py --out "$OUT" --tune --tune-budget 40 --graph 2>&1 | tee -a "$LOG"
 BENCH=${PIPESTATUS[0]}
 echo "kernel bench done at $((SECONDS - T0)) s" | tee -a "$LOG"
@@ -67,6 +75,7 @@ fi
         "$(grep -E '^[0-9]+ (passed|failed)|(passed|failed|error).* in [0-9.]+s' "$LOG" | head -1)"
     echo "engine parity on CUDA: $([ "$ENGINE_TESTS" = 0 ] && echo passed || echo "FAILED (rc $ENGINE_TESTS)") —" \
         "$(grep -E '(passed|failed|error).* in [0-9.]+s' "$LOG" | sed -n 2p)"
+    if [ "$DECODE" = 0 ]; then grep -E "ms/step" "$LOG"; else echo "bench/decode.py: FAILED (rc $DECODE)"; fi
     case "$ENGINE_BENCH" in
         0) grep -A4 "^ *batch" "$LOG" ;;
         skipped) echo "bench/engine.py: skipped (SKIP_ENGINE_BENCH)" ;;
@@ -77,5 +86,5 @@ fi
     fi
     [ "$BENCH" = 0 ] || echo "bench/kernels.py: FAILED (rc $BENCH)"
 } 2>&1 | tee -a "$LOG"
-[ "$TESTS" = 0 ] && [ "$BENCH" = 0 ] && [ "$ENGINE_TESTS" = 0 ] \
+[ "$TESTS" = 0 ] && [ "$BENCH" = 0 ] && [ "$ENGINE_TESTS" = 0 ] && [ "$DECODE" = 0 ] \
     && { [ "$ENGINE_BENCH" = 0 ] || [ "$ENGINE_BENCH" = skipped ]; }

@@ -31,3 +31,21 @@ def test_bench_smoke(tmp_path, subprocess_env):
     except ImportError:
         return
     assert (tmp_path / "kernels.png").stat().st_size > 0
+
+
+def test_decode_and_profile_benches_run_on_cpu(tmp_path, subprocess_env):
+    """bench/decode.py (random weights made on the device, graphs on and off) and bench/profile_step.py, at a
+    tiny size on CPU: what the GPU run calls works end to end."""
+    bench = BENCH.parent
+    proc = subprocess.run([sys.executable, str(bench / "decode.py"), "--device", "cpu", "--models", "tiny",
+                           "--batch", "1", "3", "--prompt-len", "16", "--max-tokens", "6", "--out", str(tmp_path)],
+                          env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "decode.json").read_text())["results"]
+    assert {(r["cuda_graphs"], r["batch"]) for r in rows} == {(True, 1), (True, 3), (False, 1), (False, 3)}
+    assert all(r["step_ms"] > 0 and r["tok_s"] > 0 for r in rows)
+    proc = subprocess.run([sys.executable, str(bench / "profile_step.py"), "--device", "cpu", "--model", "tiny",
+                           "--batch", "2", "--prompt-len", "16", "--steps", "2", "--out", str(tmp_path)],
+                          env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "batch 2" in (tmp_path / "profile.txt").read_text()

@@ -184,6 +184,12 @@ class ModelRunner:
         """The other ranks' side of a step: the same forward pass on the message rank 0 sent (no logits)."""
         self._forward(message, header, embed_rows, logits=False)
 
+    @property
+    def message_buffer(self) -> torch.Tensor:
+        """Where a step's message lives on this rank (the device buffer on CUDA, which captured graphs read;
+        the host buffer on CPU): the other ranks receive rank 0's broadcast into it."""
+        return self._message if self.device.type == "cuda" else self._host
+
     def stop_message(self) -> torch.Tensor:
         """The message that tells the other ranks to stop (the device copy on CUDA, as every message)."""
         return self._upload(Header(STOP), [])

@@ -27,7 +27,7 @@ log = logging.getLogger("pagedllm")
 def serve_steps(runner: ModelRunner, hidden_size: int) -> None:
     """Receive each step's message (one broadcast; then the embedding rows, if the step has any) and run it."""
     device = runner.device if runner.device.type == "cuda" else torch.device("cpu")
-    message = torch.zeros(runner.layout.capacity, dtype=torch.int32, device=device)
+    message = runner.message_buffer  # the buffer this rank's CUDA graphs read
     header_len = runner.layout.header_len
     while True:
         dist.broadcast(message, src=0)

@@ -3,6 +3,7 @@ with the Python backend (proved with a throwaway echo model written by the test,
 from __future__ import annotations
 
 import json
+import shutil
 import queue
 import subprocess
 import sys
@@ -249,3 +250,59 @@ def test_serve_cli_foreground(tmp_path, tiny_llama_dir, echo_repository):
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=5)
 
+
+
+def test_tritonserver_style_arguments_become_pagedllm_serve():
+    from pagedllm.cli import tritonserver_style
+
+    assert tritonserver_style(["--model-repository=/models", "--http-port", "8080", "--log-format=ISO8601",
+                               "--strict-readiness", "true"]) == [
+        "serve", "--model-repository", "/models", "--http-port", "8080", "--",
+        "--log-format=ISO8601", "--strict-readiness", "true"]
+    assert tritonserver_style(["--model-store", "/m"]) == ["serve", "--model-repository", "/m"]
+
+
+def test_started_the_way_tritons_helm_chart_starts_a_container(tmp_path, tiny_llama_dir, echo_repository):
+    """`tritonserver --model-repository=DIR [flags]` as the container's arguments (Helm chart, KServe): the
+    repository is served as it is, extra tritonserver flags pass through, SIGTERM stops it cleanly."""
+    from server_utils import free_ports
+
+    http, grpc, metrics = free_ports(3)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pagedllm.cli", "tritonserver", f"--model-repository={echo_repository}",
+         f"--http-port={http}", "--grpc-port", str(grpc), f"--metrics-port={metrics}", "--log-info=true"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env(tmp_path))
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C stops the server" in line:
+                break
+        assert requests.get(f"http://127.0.0.1:{http}/v2/models/echo/ready", timeout=10).status_code == 200, \
+            "".join(lines[-30:])
+        proc.terminate()
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, rest
+    assert "successfully unloaded 'echo'" in rest
+
+
+def test_a_hugging_face_repo_id_is_served_from_the_local_cache_offline(tmp_path, tiny_llama_dir):
+    """--model org/name resolves through huggingface_hub's cache; with HF_HUB_OFFLINE=1 nothing is fetched (a
+    fresh process, as `pagedllm serve` is: huggingface_hub reads these variables when it is imported)."""
+    hub = tmp_path / "hf"
+    snapshot = hub / "hub" / "models--example--tiny-llama" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_llama_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {**cli_env(tmp_path), "HF_HOME": str(hub), "HF_HUB_CACHE": str(hub / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = ("import sys; from pagedllm.model.spec import resolve_model, check_checkpoint; "
+            "print(check_checkpoint(resolve_model(sys.argv[1])))")
+    r = subprocess.run([sys.executable, "-c", code, "example/tiny-llama"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == str(snapshot), r.stderr
+    r = subprocess.run([sys.executable, "-m", "pagedllm.cli", "serve", "--model", "example/missing"],
+                       capture_output=True, text=True, env=env, timeout=120)  # not cached, and offline: refused
+    assert r.returncode == 2 and "example/missing" in r.stderr and "Hugging Face" in r.stderr, r.stderr

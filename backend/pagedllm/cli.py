@@ -200,8 +200,32 @@ def _supervise(server, frontend, stop: dict) -> int:
         time.sleep(0.5)
 
 
+# tritonserver's own flags that `pagedllm serve` takes as its own (the rest go to tritonserver as they are).
+_SERVE_FLAGS_OF_TRITONSERVER = ("--model-repository", "--model-store", "--http-port", "--grpc-port", "--metrics-port")
+
+
+def tritonserver_style(argv: list[str]) -> list[str]:
+    """`tritonserver --model-repository=DIR [flags]` (how Triton's Helm chart and KServe start a Triton
+    container) as `pagedllm serve --model-repository DIR [ports] -- [the other flags]`: the repository is served
+    as it is, under pagedllm serve's supervision (drain, crash detection, the OpenAI API)."""
+    ours, theirs, i = [], [], 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name in _SERVE_FLAGS_OF_TRITONSERVER:
+            if not eq:
+                i += 1
+                value = argv[i] if i < len(argv) else ""
+            ours += ["--model-repository" if name == "--model-store" else name, value]
+        else:
+            theirs.append(argv[i])
+        i += 1
+    return ["serve", *ours] + (["--", *theirs] if theirs else [])
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tritonserver"]:
+        argv = tritonserver_style(argv[1:])
     ours, triton_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args = build_parser().parse_args(ours)
     if args.command == "serve":

@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..model.spec import load_model_spec
+from ..model.spec import load_model_spec, resolve_model
 from ..tokenizer import load_tokenizer
 from .embeds_payload import max_base64_chars
 from .prompts import ModelFacts
@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser, standalone: bool = True) -> None:
     if standalone:
         p.add_argument("--triton-url", default="localhost:8001", help="tritonserver's gRPC address (host:port)")
         p.add_argument("--model-dir", required=True,
-                       help="the served checkpoint's directory (its tokenizer, chat template and sizes)")
+                       help="the served checkpoint's directory or Hugging Face repo id (its tokenizer, chat "
+                            "template and sizes)")
         p.add_argument("--host", default="0.0.0.0")
         p.add_argument("--port", type=int, default=DEFAULT_PORT)
         p.add_argument("--metrics-url", default=None, help="Triton's metrics page, served again on /metrics")
@@ -48,8 +49,9 @@ def build(args):
     """The app for parsed arguments (tests build it the same way)."""
     from .app import Settings, build_app
 
-    facts = model_facts(args.model_dir)
-    name = args.served_model_name or Path(args.model_dir).name
+    model_dir = resolve_model(args.model_dir)  # a directory, or a Hugging Face repo id
+    facts = model_facts(model_dir)
+    name = args.served_model_name or (Path(args.model_dir).name if Path(args.model_dir).exists() else args.model_dir)
     max_bytes = args.max_request_bytes or max(64 << 20, 2 * max_base64_chars(facts.max_rows, facts.hidden_size)
                                               + (1 << 20))
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None

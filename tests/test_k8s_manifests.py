@@ -565,3 +565,14 @@ def test_docs_cover_every_manifest_and_the_versions():
     for version in KUBERNETES_VERSIONS:
         assert version in text, f"docs/kubernetes.md does not name Kubernetes {version}"
     assert "What was and was not tried" in text
+
+
+def test_the_deployment_args_are_flags_pagedllm_serve_takes():
+    """The container's arguments go to `pagedllm serve` (the image's entry point): its parser must accept them
+    all, with the values the docs promise."""
+    from pagedllm.cli import build_parser
+
+    args = build_parser().parse_args(["serve", *_container()["args"]])
+    assert args.openai_port == 9000 and args.shutdown_grace_secs == 30 and args.model == "/models/checkpoint"
+    env = {e["name"] for e in _container().get("env", [])}
+    assert "PAGEDLLM_API_KEY" in env  # what --api-key falls back to

@@ -264,3 +264,40 @@ def test_the_padded_decode_path_matches_eager_and_transformers(llama, n):
     for i, p in enumerate(ps):
         assert got[True][f"r{i}"] == hf_greedy(llama, ids=p, max_new_tokens=4 + 3 * i)
     assert got[True]["s1"] == hf_greedy(llama, ids=shared + [7], max_new_tokens=MAX_TOKENS)
+
+
+def test_a_one_token_recompute_chunk_is_not_taken_for_a_decode_step(llama):
+    """A preempted sequence recomputing its generated tokens can be scheduled one token that is not its newest
+    (it samples nothing). Beside decoding sequences that batch looks decode-only; the padded path would feed the
+    newest token at that position and shift every later row's logits onto its neighbour."""
+    ps = prompts(seed=23)[:4] + prompts(seed=24)[:4]
+    requests = {f"r{i}": {"prompt_token_ids": p, "params": SamplingParams(max_tokens=30 + i, temperature=0)}
+                for i, p in enumerate(ps)}
+    # few blocks: preemption while others decode; one prefill token a step beside them: one-token recomputes
+    engine = make_engine(llama, num_kv_blocks=7, cuda_graphs=True, max_num_seqs=4, max_num_batched_tokens=64,
+                         max_prefill_tokens_while_decoding=1)
+    schedule, seen = engine.scheduler.schedule, []
+
+    def recording_schedule():
+        batch = schedule()
+        seen.append([(item.num_new_tokens, item.samples,
+                      item.seq.num_computed_tokens >= item.seq.num_prompt_tokens) for item in batch])
+        return batch
+
+    engine.scheduler.schedule = recording_schedule
+    got = run_all(engine, {k: dict(v) for k, v in requests.items()})
+    mixed = [b for b in seen if any(s for _, s, _ in b) and any(n == 1 and not s and g for n, s, g in b)]
+    assert mixed, "the case under test did not arise: a decode batch beside a one-token recompute chunk"
+    for i, p in enumerate(ps):
+        assert got[f"r{i}"] == hf_greedy(llama, ids=p, max_new_tokens=30 + i), f"r{i}"
+
+
+def test_the_torch_kernels_run_the_padded_path_without_graphs(llama):
+    """The PyTorch reference attention syncs with the host, so it is never captured: with kernels=torch and
+    cuda_graphs on, padded decode steps run eagerly (on CUDA, capture used to fail at start-up)."""
+    engine = make_engine(llama, kernels="torch", cuda_graphs=True)
+    assert engine.runner.static is not None and not engine.runner.static.graphs
+    ps = prompts(seed=25)[:3]
+    got = run_all(engine, {f"r{i}": {"prompt_token_ids": p} for i, p in enumerate(ps)})
+    for i, p in enumerate(ps):
+        assert got[f"r{i}"] == hf_greedy(llama, ids=p, max_new_tokens=MAX_TOKENS)

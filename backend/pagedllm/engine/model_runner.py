@@ -50,7 +50,7 @@ class Distributed:
 @dataclass
 class _Graph:
     graph: object
-    logits: torch.Tensor  # [padded size, vocab], written by every replay
+    logits: torch.Tensor | None  # [padded size, vocab], written by every replay (None on ranks that do not sample)
 
 
 @dataclass
@@ -65,10 +65,12 @@ class _StaticDecode:
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, static_decode: bool = False,
-                 cuda_graphs: bool = False, distributed: Distributed | None = None):
+                 cuda_graphs: bool = False, distributed: Distributed | None = None, samples: bool = True):
         spec = model.spec
         self.model = model
         self.device = model.device
+        self.samples = samples  # rank 0 computes logits and samples; the other ranks only their shard's layers
+        self._bind_device()
         self.block_size = block_size
         # One block more than the block manager knows of: the padding rows of a padded step write there.
         self.dummy_block = num_blocks
@@ -87,7 +89,18 @@ class ModelRunner:
         self.distributed = distributed or Distributed()
         self.static = _StaticDecode(padded_sizes(max_num_seqs)) if static_decode else None
         if self.static is not None and cuda_graphs and self.device.type == "cuda":
-            self._capture_graphs()
+            if model.ops.name == "triton":
+                self._capture_graphs()
+            else:  # the torch reference attention syncs with the host (.tolist()): it cannot be captured
+                log.info("pagedllm: no CUDA graphs with kernels=%s; padded decode steps run eagerly", model.ops.name)
+
+    def _bind_device(self) -> None:
+        """Make this runner's GPU the calling thread's current one. Triton launches kernels, and CUDA graphs and
+        events use streams, on the current device, which is cuda:0 on a thread that never chose one; an engine on
+        cuda:1 stepped from such a thread would launch its kernels on the wrong GPU. Cheap when already bound."""
+        if self.device.type == "cuda" and self.device.index is not None \
+                and torch.cuda.current_device() != self.device.index:
+            torch.cuda.set_device(self.device)
 
     @staticmethod
     def kv_bytes_per_block(model_spec, block_size: int, dtype: torch.dtype, num_kv_heads: int) -> int:
@@ -101,6 +114,7 @@ class ModelRunner:
     def run(self, batch: list[ScheduledSequence]) -> tuple[list[int], list[float | None]]:
         """Forward the batch. For each sequence whose step reaches its end, in order: the sampled token, and its
         log-probability under the model (None unless the request asked for it)."""
+        self._bind_device()
         header, pieces, embeds = self._prepare(batch)
         message = self._upload(header, pieces)
         embed_rows = torch.cat([rows for _, rows in embeds]) if embeds else None
@@ -182,6 +196,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_message(self, message: torch.Tensor, header: Header, embed_rows: torch.Tensor | None) -> None:
         """The other ranks' side of a step: the same forward pass on the message rank 0 sent (no logits)."""
+        self._bind_device()
         self._forward(message, header, embed_rows, logits=False)
 
     @property
@@ -192,6 +207,7 @@ class ModelRunner:
 
     def stop_message(self) -> torch.Tensor:
         """The message that tells the other ranks to stop (the device copy on CUDA, as every message)."""
+        self._bind_device()
         return self._upload(Header(STOP), [])
 
     def _forward(self, message: torch.Tensor, header: Header, embed_rows: torch.Tensor | None,
@@ -202,7 +218,7 @@ class ModelRunner:
             return graph.logits
         v = views(message, header, self.layout)
         hidden = self._hidden(v, header, embed_rows)
-        if not logits or header.num_sampled == 0:
+        if not logits or not self.samples or header.num_sampled == 0:
             return None
         return self.model.logits(hidden[v.sample_rows])
 
@@ -261,25 +277,29 @@ class ModelRunner:
         pieces = _padding_pieces(size, self.layout.max_blocks, self.dummy_block, self.block_size)
         message = self._upload(header, pieces)
         for _ in range(2):  # warm up outside the graph: kernels compiled, cuBLAS handles made
-            self._logits_of(message, header)
+            self._captured_step(message, header)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.static.pool):
-            out = self._logits_of(message, header)
+            out = self._captured_step(message, header)
         if self.static.pool is None:
             self.static.pool = graph.pool()
         log.info("pagedllm: CUDA graph for decode batch %d captured in %.2f s", size, time.monotonic() - batch_start)
         return _Graph(graph, out)
 
-    def _logits_of(self, message: torch.Tensor, header: Header) -> torch.Tensor:
+    def _captured_step(self, message: torch.Tensor, header: Header) -> torch.Tensor | None:
+        """What a graph replays: the layers, and on rank 0 the logits."""
         v = views(message, header, self.layout)
-        return self.model.logits(self._hidden(v, header, None))
+        hidden = self._hidden(v, header, None)
+        return self.model.logits(hidden) if self.samples else None
 
 
 def _decode_only(batch: list[ScheduledSequence]) -> bool:
-    """Every sequence feeds its one newest token, a generated one (no prefill chunk, no embedding row)."""
-    return all(item.num_new_tokens == 1 and item.seq.num_computed_tokens >= item.seq.num_prompt_tokens
-               for item in batch)
+    """Every sequence feeds its one newest token, a generated one (no prefill chunk, no embedding row), and
+    samples the next. A preempted sequence recomputing its generated tokens can be scheduled one token that is
+    not its newest (and samples nothing): that is a prefill chunk, whatever its length."""
+    return all(item.num_new_tokens == 1 and item.samples
+               and item.seq.num_computed_tokens >= item.seq.num_prompt_tokens for item in batch)
 
 
 def _padding_pieces(size: int, width: int, dummy_block: int, block_size: int) -> list[np.ndarray]:

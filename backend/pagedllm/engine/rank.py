@@ -90,7 +90,8 @@ def build_rank(config: EngineConfig, spec: ModelSpec, rank: int, distributed: Di
              num_blocks, bs, num_blocks * bs, num_blocks * per_block / 2**30, num_blocks * bs // max_model_len,
              max_model_len)
     runner = ModelRunner(model, num_blocks, bs, config.max_num_seqs, config.max_num_batched_tokens, max_model_len,
-                         static_decode=config.cuda_graphs, cuda_graphs=config.cuda_graphs, distributed=distributed)
+                         static_decode=config.cuda_graphs, cuda_graphs=config.cuda_graphs, distributed=distributed,
+                         samples=rank == 0)
     return RankModel(device, dtype, ops, model, runner, num_blocks, max_model_len)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import re
+import time
 
 import numpy as np
 import openai
@@ -62,6 +64,13 @@ def embeddings(llm_server, ids: list[int]) -> torch.Tensor:
 def blocks_all_free(llm_server) -> bool:
     total = metric(llm_server.metrics_url, "pagedllm_kv_blocks_total")
     return wait_for_metric(llm_server.metrics_url, "pagedllm_kv_blocks_free", total) == total
+
+
+def finished(llm_server, reason: str) -> float:
+    """Requests the model has finished with this finish_reason (`abort`: cancelled), all instances together."""
+    text = requests.get(llm_server.metrics_url, timeout=10).text
+    pattern = rf'^pagedllm_request_success_total\{{[^}}]*finish_reason="{reason}"[^}}]*\}} (\S+)$'
+    return sum(float(m.group(1)) for m in re.finditer(pattern, text, re.M))
 
 
 GREEDY = {"max_tokens": MAX_TOKENS, "temperature": 0}
@@ -207,6 +216,25 @@ def test_bad_requests_get_400_naming_the_field(client, model_name, kwargs, statu
     got, message = status_and_message(lambda: client.completions.create(**kwargs))
     assert got == status and words in message, message
     assert blocks_all_free(llm_server)
+
+
+def test_a_failing_choice_cancels_the_other_choices(client, model_name, llm_server, tok):
+    """One prompt of several is refused by the model: the request gets its 400, and the generation of the other
+    prompt is cancelled rather than left running to its end for nobody."""
+    length, aborted = finished(llm_server, "length"), finished(llm_server, "abort")
+    vocab = hf_model(str(llm_server.model_dir)).config.vocab_size
+    got, message = status_and_message(lambda: client.completions.create(
+        model=model_name, prompt=[tok(TEXT)["input_ids"], [vocab + 7]], max_tokens=480, temperature=0,
+        extra_body={"ignore_eos": True}))
+    assert got == 400 and "vocabulary" in message, message
+    # Left running, it would end by length within a second; cancelled, it ends as an abort (or, cancelled
+    # before the model took it, never shows at all).
+    deadline = time.monotonic() + 10
+    while finished(llm_server, "length") + finished(llm_server, "abort") == length + aborted \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert finished(llm_server, "length") == length
+    assert metric(llm_server.metrics_url, "pagedllm_num_requests_running") == 0 and blocks_all_free(llm_server)
 
 
 def zip_with_data_pkl(pkl: bytes) -> bytes:

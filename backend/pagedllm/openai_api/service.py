@@ -106,18 +106,23 @@ class Runner:
     async def collect(self, gens: list[Generation], disconnected: Awaitable[None]) -> list[Choice]:
         """Every choice, whole. If the client disconnects first, every generation is cancelled."""
         choices = {g.index: Choice(g.index) for g in gens}
-        work = asyncio.ensure_future(asyncio.gather(*(self._one(g, lambda i, c: choices[i].add(c))
-                                                      for g in gens)))
+        # A task per generation, each cancelled below: a gather() that has failed leaves its other children
+        # running, and their streams would go on generating for nobody.
+        tasks = [asyncio.ensure_future(self._one(g, lambda i, c: choices[i].add(c))) for g in gens]
         watcher = asyncio.ensure_future(disconnected)
         try:
-            done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if work not in done:  # the client left: nobody to answer, and nothing left running for it
-                raise APIError(499, "the client disconnected")
-            work.result()
+            running = set(tasks)
+            while running:
+                done, running = await asyncio.wait(running | {watcher}, return_when=asyncio.FIRST_COMPLETED)
+                running.discard(watcher)
+                for task in done - {watcher}:
+                    task.result()  # the first error is the answer; the rest are cancelled below
+                if watcher in done:  # the client left: nobody to answer, and nothing left running for it
+                    raise APIError(499, "the client disconnected")
         finally:
-            for task in (work, watcher):
+            for task in (*tasks, watcher):
                 task.cancel()
-            await asyncio.gather(work, watcher, return_exceptions=True)  # streams closed before we return
+            await asyncio.gather(*tasks, watcher, return_exceptions=True)  # streams closed before we return
         return [choices[g.index] for g in gens]
 
     async def stream(self, gens: list[Generation]) -> AsyncIterator[tuple[int, Chunk]]:

@@ -218,8 +218,8 @@ def test_server_load_failure_raises_with_log(start_server, tiny_llama_dir, echo_
 
 
 def test_serve_cli_foreground(tmp_path, tiny_llama_dir, echo_repository):
-    """`pagedllm serve` prints the URLs (the OpenAI API's too) when ready and stops the server cleanly on
-    SIGTERM."""
+    """`pagedllm serve` prints the URLs (the OpenAI API's too) when ready, passes the front end its flags, and
+    stops the server cleanly on SIGTERM."""
     from server_utils import free_ports
 
     http, grpc, metrics, openai_port = free_ports(4)
@@ -227,7 +227,7 @@ def test_serve_cli_foreground(tmp_path, tiny_llama_dir, echo_repository):
     proc = subprocess.Popen(
         [sys.executable, "-m", "pagedllm.cli", "serve", "--model", str(tiny_llama_dir), "--http-port", str(http),
          "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--num-kv-blocks", "8",
-         "--openai-port", str(openai_port)],
+         "--openai-port", str(openai_port), "--max-request-bytes", "4096"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     lines = []
@@ -239,6 +239,8 @@ def test_serve_cli_foreground(tmp_path, tiny_llama_dir, echo_repository):
         assert any(f"http://0.0.0.0:{http}" in ln for ln in lines), "".join(lines[-30:])
         assert any(f"http://0.0.0.0:{openai_port}/v1" in ln for ln in lines), "".join(lines[-30:])
         assert requests.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=10).status_code == 200
+        too_big = requests.post(f"http://127.0.0.1:{openai_port}/v1/completions", data=b" " * 4097, timeout=10)
+        assert too_big.status_code == 413 and "4096" in too_big.json()["error"]["message"]
         proc.terminate()
         rest = proc.communicate(timeout=60)[0]
     finally:

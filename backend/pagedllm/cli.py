@@ -112,7 +112,7 @@ def _openai_frontend(args, server, model_dir):
 
     return OpenAIFrontend(triton_grpc_url=server.grpc_url, model_dir=str(model_dir), port=args.openai_port,
                           served_model_name=args.served_model_name, api_key=args.api_key,
-                          metrics_url=server.metrics_url)
+                          metrics_url=server.metrics_url, max_request_bytes=args.max_request_bytes)
 
 
 def _ready_banner(args, model_dir, frontend) -> str:

@@ -17,7 +17,8 @@ from .process import _die_with_parent, port_is_free
 class OpenAIFrontend:
     def __init__(self, *, triton_grpc_url: str, model_dir: str, port: int, host: str = "0.0.0.0",
                  served_model_name: str | None = None, api_key: str | None = None, metrics_url: str | None = None,
-                 log_path: Path | None = None, env: dict[str, str] | None = None):
+                 max_request_bytes: int | None = None, log_path: Path | None = None,
+                 env: dict[str, str] | None = None):
         self.port = port
         self.api_key = api_key
         self.command = [sys.executable, "-m", "pagedllm.openai_api.server", "--triton-url", triton_grpc_url,
@@ -26,6 +27,8 @@ class OpenAIFrontend:
             self.command += ["--served-model-name", served_model_name]
         if metrics_url:
             self.command += ["--metrics-url", metrics_url]
+        if max_request_bytes:
+            self.command += ["--max-request-bytes", str(max_request_bytes)]
         self.env = dict(env if env is not None else python_environment())
         if api_key:  # through the environment, not the command line (which `ps` shows)
             self.env["PAGEDLLM_API_KEY"] = api_key

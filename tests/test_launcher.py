@@ -227,7 +227,7 @@ def test_serve_cli_foreground(tmp_path, tiny_llama_dir, echo_repository):
     proc = subprocess.Popen(
         [sys.executable, "-m", "pagedllm.cli", "serve", "--model", str(tiny_llama_dir), "--http-port", str(http),
          "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--num-kv-blocks", "8",
-         "--openai-port", str(openai_port), "--max-request-bytes", "4096"],
+         "--openai-port", str(openai_port), "--max-request-bytes", "4096", "--max-model-len", "256"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     lines = []
@@ -241,6 +241,8 @@ def test_serve_cli_foreground(tmp_path, tiny_llama_dir, echo_repository):
         assert requests.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=10).status_code == 200
         too_big = requests.post(f"http://127.0.0.1:{openai_port}/v1/completions", data=b" " * 4097, timeout=10)
         assert too_big.status_code == 413 and "4096" in too_big.json()["error"]["message"]
+        models = requests.get(f"http://127.0.0.1:{openai_port}/v1/models", timeout=10).json()["data"]
+        assert models[0]["max_model_len"] == 256  # the served length, not the checkpoint's 512
         proc.terminate()
         rest = proc.communicate(timeout=60)[0]
     finally:
@@ -252,6 +254,21 @@ def test_serve_cli_foreground(tmp_path, tiny_llama_dir, echo_repository):
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=5)
 
+
+
+def test_the_front_end_is_told_the_served_model_length(tmp_path, tiny_llama_dir):
+    """From the engine flags, or from the llm config.pbtxt of a repository served as it is."""
+    from pagedllm.cli import _served_max_model_len, _server, build_parser
+
+    args = build_parser().parse_args(["serve", "--model", str(tiny_llama_dir), "--max-model-len", "200"])
+    assert _served_max_model_len(args, _server(args, [])[0]) == 200
+    (tmp_path / "repo" / "llm").mkdir(parents=True)
+    config = tmp_path / "repo" / "llm" / "config.pbtxt"
+    config.write_text(f'parameters [ {{ key: "model_dir" value: {{ string_value: "{tiny_llama_dir}" }} }} ]')
+    args = build_parser().parse_args(["serve", "--model-repository", str(tmp_path / "repo")])
+    assert _served_max_model_len(args, _server(args, [])[0]) == 0  # not set: the checkpoint's
+    config.write_text(set_parameters(config.read_text(), {"max_model_len": "300"}))
+    assert _served_max_model_len(args, _server(args, [])[0]) == 300
 
 
 def test_tritonserver_style_arguments_become_pagedllm_serve():

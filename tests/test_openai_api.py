@@ -307,6 +307,23 @@ def test_an_oversized_payload_in_a_small_body_is_refused_by_length(client, model
     assert got == 400 and "prompt_embeds" in message and "limit" in message, message
 
 
+def test_the_default_body_limit_fits_one_fp16_payload_of_the_served_length(tiny_llama_dir):
+    """Sized from the served model length (not max_position_embeddings, not fp32), and capped: Starlette reads
+    and parses a whole body on the event loop."""
+    from pagedllm.openai_api.prompts import ModelFacts
+    from pagedllm.openai_api.server import default_max_request_bytes, model_facts
+
+    fp16_base64 = 8192 * 4096 * 2 * 4 / 3
+    served_8k = default_max_request_bytes(ModelFacts(hidden_size=4096, max_rows=8192, tokenizer=None))
+    assert fp16_base64 < served_8k < fp16_base64 + (2 << 20)
+    llama_31_8b = ModelFacts(hidden_size=4096, max_rows=131072, tokenizer=None)  # 5.3 GiB before
+    assert default_max_request_bytes(llama_31_8b) == 256 << 20
+    assert default_max_request_bytes(ModelFacts(hidden_size=64, max_rows=512, tokenizer=None)) == 16 << 20
+
+    assert model_facts(tiny_llama_dir).max_rows == 512  # the checkpoint's max_position_embeddings
+    assert model_facts(tiny_llama_dir, max_model_len=100).max_rows == 100
+
+
 def test_api_key(llm_server, tmp_path, model_name):
     from server_utils import start_openai
 

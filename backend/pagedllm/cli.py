@@ -112,7 +112,19 @@ def _openai_frontend(args, server, model_dir):
 
     return OpenAIFrontend(triton_grpc_url=server.grpc_url, model_dir=str(model_dir), port=args.openai_port,
                           served_model_name=args.served_model_name, api_key=args.api_key,
-                          metrics_url=server.metrics_url, max_request_bytes=args.max_request_bytes)
+                          metrics_url=server.metrics_url, max_model_len=_served_max_model_len(args, server),
+                          max_request_bytes=args.max_request_bytes)
+
+
+def _served_max_model_len(args, server) -> int:
+    """The engine's max_model_len as configured (0: the checkpoint's): a repository served as it is says it in
+    its config.pbtxt, else the flags do."""
+    if args.model_repository:
+        from pagedllm.server.repository import repository_parameter
+
+        value = repository_parameter(args.model_repository, "max_model_len")
+        return int(value) if value.isdigit() else 0  # anything else the model itself refuses at load
+    return server.engine_config.max_model_len
 
 
 def _ready_banner(args, model_dir, frontend) -> str:

@@ -258,7 +258,7 @@ def _validation_message(e: RequestValidationError) -> str:
 class _Guard:
     """ASGI middleware, ahead of everything else (nothing is read or parsed before it): with an API key, /v1
     requests must carry it (401); a POST must say its length, and a body longer than the limit is refused (413)
-    before it is read. The limit sits above the largest prompt_embeds payloads the checkpoint could take."""
+    before it is read (server.default_max_request_bytes sizes the limit)."""
 
     def __init__(self, app, api_key: str | None, max_bytes: int):
         self.app = app
@@ -282,5 +282,6 @@ class _Guard:
             if length is None or not length.isdigit():
                 return 411, "a request body needs a Content-Length"
             if int(length) > self.max_bytes:
-                return 413, f"the body is {int(length)} bytes, more than the limit of {self.max_bytes}"
+                return 413, (f"the body is {int(length)} bytes, more than the limit of {self.max_bytes} "
+                             f"(the server's --max-request-bytes)")
         return None

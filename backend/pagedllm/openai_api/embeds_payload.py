@@ -67,13 +67,14 @@ def _clip(text: str, limit: int = 80) -> str:
 # --------------------------------------------------------------------------------------------------- public
 
 
-def max_base64_chars(max_rows: int, hidden_size: int) -> int:
-    """The longest base64 string accepted: max_rows x hidden_size float32 values (the widest dtype accepted)
-    plus a bounded allowance for the archive or header around them, at 4 characters per 3 bytes.
+def max_base64_chars(max_rows: int, hidden_size: int, value_bytes: int = 4) -> int:
+    """The longest base64 string of max_rows x hidden_size values of `value_bytes` each (by default float32,
+    the widest dtype accepted: the longest payload accepted) plus a bounded allowance for the archive or
+    header around them, at 4 characters per 3 bytes.
 
     A view saved with a storage larger than this (torch.save writes the whole storage) is refused by length.
     """
-    max_bytes = _positive_int("max_rows", max_rows) * _positive_int("hidden_size", hidden_size) * 4
+    max_bytes = _positive_int("max_rows", max_rows) * _positive_int("hidden_size", hidden_size) * value_bytes
     return 4 * math.ceil((max_bytes + _FORMAT_OVERHEAD_BYTES) / 3)
 
 

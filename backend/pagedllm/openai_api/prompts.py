@@ -42,7 +42,7 @@ class Generation:
 class ModelFacts:
     """What the front end knows of the served checkpoint (from its directory)."""
     hidden_size: int
-    max_rows: int  # the longest prompt the checkpoint takes (max_position_embeddings)
+    max_rows: int  # the longest prompt the served model takes (its max_model_len as configured)
     tokenizer: Any
 
 

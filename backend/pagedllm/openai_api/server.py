@@ -17,6 +17,11 @@ from .prompts import ModelFacts
 
 API_KEY_ENV = "PAGEDLLM_API_KEY"
 DEFAULT_PORT = 9000
+# Starlette reads a whole body into memory and parses its JSON on the one event loop, while every other request
+# waits: the default body limit never goes above this (--max-request-bytes can).
+MAX_DEFAULT_REQUEST_BYTES = 256 << 20
+MIN_DEFAULT_REQUEST_BYTES = 16 << 20  # long texts and token-id prompts, many of them
+_BODY_SLACK_BYTES = 1 << 20  # the rest of a body beside one prompt_embeds payload
 
 
 def add_arguments(p: argparse.ArgumentParser, standalone: bool = True) -> None:
@@ -29,20 +34,35 @@ def add_arguments(p: argparse.ArgumentParser, standalone: bool = True) -> None:
         p.add_argument("--host", default="0.0.0.0")
         p.add_argument("--port", type=int, default=DEFAULT_PORT)
         p.add_argument("--metrics-url", default=None, help="Triton's metrics page, served again on /metrics")
+        p.add_argument("--max-model-len", type=int, default=0,
+                       help="the served model length, as the engine's max_model_len is configured (default 0: "
+                            "the checkpoint's max_position_embeddings): the longest prompt_embeds accepted, and "
+                            "what the default body limit is sized for")
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients use (default: the checkpoint folder's name)")
     p.add_argument("--api-key", default=None,
                    help=f"require `Authorization: Bearer KEY` on /v1 (default: ${API_KEY_ENV}, else none)")
     p.add_argument("--max-request-bytes", type=int, default=None,
-                   help="largest request body (default: room for two of the largest prompt_embeds payloads)")
+                   help="largest request body in bytes (default: room for one fp16 prompt_embeds payload of the "
+                        f"served model length, from {MIN_DEFAULT_REQUEST_BYTES >> 20} to "
+                        f"{MAX_DEFAULT_REQUEST_BYTES >> 20} MiB)")
 
 
-def model_facts(model_dir: str | Path) -> ModelFacts:
+def model_facts(model_dir: str | Path, max_model_len: int = 0) -> ModelFacts:
+    """The served model's facts; its length as the engine takes it (engine/rank.py's model_length): the
+    configured max_model_len, else the checkpoint's, within a sliding window."""
     spec = load_model_spec(model_dir)
-    max_rows = spec.max_position_embeddings
+    max_rows = max_model_len if max_model_len > 0 else spec.max_position_embeddings
     if spec.sliding_window:
         max_rows = min(max_rows, spec.sliding_window)
     return ModelFacts(hidden_size=spec.hidden_size, max_rows=max_rows, tokenizer=load_tokenizer(model_dir))
+
+
+def default_max_request_bytes(facts: ModelFacts) -> int:
+    """Room for one prompt_embeds payload of the served model length in fp16 (vLLM's clients send fp16, bf16
+    or fp32: wider ones at full length need --max-request-bytes), within the bounds above."""
+    one_payload = max_base64_chars(facts.max_rows, facts.hidden_size, value_bytes=2) + _BODY_SLACK_BYTES
+    return min(MAX_DEFAULT_REQUEST_BYTES, max(MIN_DEFAULT_REQUEST_BYTES, one_payload))
 
 
 def build(args):
@@ -50,10 +70,9 @@ def build(args):
     from .app import Settings, build_app
 
     model_dir = resolve_model(args.model_dir)  # a directory, or a Hugging Face repo id
-    facts = model_facts(model_dir)
+    facts = model_facts(model_dir, args.max_model_len)
     name = args.served_model_name or (Path(args.model_dir).name if Path(args.model_dir).exists() else args.model_dir)
-    max_bytes = args.max_request_bytes or max(64 << 20, 2 * max_base64_chars(facts.max_rows, facts.hidden_size)
-                                              + (1 << 20))
+    max_bytes = args.max_request_bytes or default_max_request_bytes(facts)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     return build_app(Settings(triton_url=args.triton_url, served_model_name=name, facts=facts, api_key=api_key,
                               metrics_url=args.metrics_url, max_request_bytes=max_bytes))

@@ -17,7 +17,7 @@ from .process import _die_with_parent, port_is_free
 class OpenAIFrontend:
     def __init__(self, *, triton_grpc_url: str, model_dir: str, port: int, host: str = "0.0.0.0",
                  served_model_name: str | None = None, api_key: str | None = None, metrics_url: str | None = None,
-                 max_request_bytes: int | None = None, log_path: Path | None = None,
+                 max_model_len: int = 0, max_request_bytes: int | None = None, log_path: Path | None = None,
                  env: dict[str, str] | None = None):
         self.port = port
         self.api_key = api_key
@@ -27,6 +27,8 @@ class OpenAIFrontend:
             self.command += ["--served-model-name", served_model_name]
         if metrics_url:
             self.command += ["--metrics-url", metrics_url]
+        if max_model_len:
+            self.command += ["--max-model-len", str(max_model_len)]
         if max_request_bytes:
             self.command += ["--max-request-bytes", str(max_request_bytes)]
         self.env = dict(env if env is not None else python_environment())

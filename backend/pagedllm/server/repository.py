@@ -48,14 +48,21 @@ def prepare_model_repository(source: Path, dest: Path, parameters: dict[str, str
     return dest
 
 
+def repository_parameter(repository: str | Path, name: str, model: str = "llm") -> str:
+    """A string parameter of a repository's model ("" when the model, its config.pbtxt or the parameter is
+    not there)."""
+    config = Path(repository) / model / "config.pbtxt"
+    if not config.is_file():
+        return ""
+    parsed = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
+    return parsed.parameters[name].string_value if name in parsed.parameters else ""
+
+
 def repository_model_dir(repository: str | Path, model: str = "llm") -> Path | None:
     """The checkpoint a repository's `llm` model serves (its model_dir parameter; relative paths are relative
     to the model's folder), or None when it has no such model or parameter."""
     config = Path(repository) / model / "config.pbtxt"
-    if not config.is_file():
-        return None
-    parsed = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
-    value = parsed.parameters["model_dir"].string_value if "model_dir" in parsed.parameters else ""
+    value = repository_parameter(repository, "model_dir", model)
     if not value:
         return None
     path = Path(value)

@@ -309,15 +309,22 @@ def test_started_the_way_tritons_helm_chart_starts_a_container(tmp_path, tiny_ll
     assert "successfully unloaded 'echo'" in rest
 
 
-def test_a_hugging_face_repo_id_is_served_from_the_local_cache_offline(tmp_path, tiny_llama_dir):
-    """--model org/name resolves through huggingface_hub's cache; with HF_HUB_OFFLINE=1 nothing is fetched (a
-    fresh process, as `pagedllm serve` is: huggingface_hub reads these variables when it is imported)."""
+def offline_hub(tmp_path, checkpoint) -> tuple[dict[str, str], Path]:
+    """(an environment in which `example/tiny-llama` is `checkpoint` in the Hugging Face cache, offline; the
+    snapshot's path). For fresh processes only: huggingface_hub reads these variables when it is imported."""
     hub = tmp_path / "hf"
     snapshot = hub / "hub" / "models--example--tiny-llama" / "snapshots" / ("0" * 40)
-    shutil.copytree(tiny_llama_dir, snapshot)
+    shutil.copytree(checkpoint, snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     env = {**cli_env(tmp_path), "HF_HOME": str(hub), "HF_HUB_CACHE": str(hub / "hub"), "HF_HUB_OFFLINE": "1"}
+    return env, snapshot
+
+
+def test_a_hugging_face_repo_id_is_served_from_the_local_cache_offline(tmp_path, tiny_llama_dir):
+    """--model org/name resolves through huggingface_hub's cache; with HF_HUB_OFFLINE=1 nothing is fetched (a
+    fresh process, as `pagedllm serve` is)."""
+    env, snapshot = offline_hub(tmp_path, tiny_llama_dir)
     code = ("import sys; from pagedllm.model.spec import resolve_model, check_checkpoint; "
             "print(check_checkpoint(resolve_model(sys.argv[1])))")
     r = subprocess.run([sys.executable, "-c", code, "example/tiny-llama"], capture_output=True, text=True, env=env)
@@ -325,3 +332,38 @@ def test_a_hugging_face_repo_id_is_served_from_the_local_cache_offline(tmp_path,
     r = subprocess.run([sys.executable, "-m", "pagedllm.cli", "serve", "--model", "example/missing"],
                        capture_output=True, text=True, env=env, timeout=120)  # not cached, and offline: refused
     assert r.returncode == 2 and "example/missing" in r.stderr and "Hugging Face" in r.stderr, r.stderr
+
+
+def test_a_repository_whose_model_dir_is_a_repo_id_gets_its_openai_front_end(tmp_path, tiny_llama_dir):
+    """`pagedllm serve --model-repository DIR` where the llm config.pbtxt's model_dir is a Hugging Face repo
+    id: the launcher resolves it as the model does, and the OpenAI front end serves the checkpoint."""
+    from server_utils import free_ports
+
+    env, snapshot = offline_hub(tmp_path, tiny_llama_dir)
+    repo = tmp_path / "repo"
+    shutil.copytree(project_model_repository() / "llm", repo / "llm")
+    config = repo / "llm" / "config.pbtxt"
+    config.write_text(set_parameters(config.read_text(), {"model_dir": "example/tiny-llama", "device": "cpu",
+                                                          "num_kv_blocks": "64"}))
+    http, grpc, metrics, openai_port = free_ports(4)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pagedllm.cli", "serve", "--model-repository", str(repo), "--http-port", str(http),
+         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--openai-port", str(openai_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C stops the server" in line:
+                break
+        assert any(f"serving {snapshot}" in ln for ln in lines), "".join(lines[-30:])
+        r = requests.post(f"http://127.0.0.1:{openai_port}/v1/completions", timeout=60, json={
+            "model": snapshot.name, "prompt": "Hello", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+        proc.terminate()
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, rest

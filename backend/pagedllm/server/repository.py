@@ -10,6 +10,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from pagedllm.model.spec import resolve_model
+
 
 class RepositoryError(ValueError):
     """A config.pbtxt that is not a valid Triton model configuration."""
@@ -59,11 +61,8 @@ def repository_parameter(repository: str | Path, name: str, model: str = "llm") 
 
 
 def repository_model_dir(repository: str | Path, model: str = "llm") -> Path | None:
-    """The checkpoint a repository's `llm` model serves (its model_dir parameter; relative paths are relative
-    to the model's folder), or None when it has no such model or parameter."""
-    config = Path(repository) / model / "config.pbtxt"
+    """The checkpoint a repository's `llm` model serves, resolved as the model resolves its model_dir parameter
+    (a path relative to the model's folder, or a Hugging Face repo id), or None when it has no such model or
+    parameter. Raises CheckpointError for a repo id that cannot be found."""
     value = repository_parameter(repository, "model_dir", model)
-    if not value:
-        return None
-    path = Path(value)
-    return path if path.is_absolute() else (config.parent / path).absolute()
+    return resolve_model(value, relative_to=Path(repository) / model) if value else None

@@ -334,6 +334,19 @@ def test_a_hugging_face_repo_id_is_served_from_the_local_cache_offline(tmp_path,
     assert r.returncode == 2 and "example/missing" in r.stderr and "Hugging Face" in r.stderr, r.stderr
 
 
+def test_a_repo_id_is_the_served_model_name(tiny_llama_dir):
+    """Not its snapshot folder's name (a commit hash); a directory is named after its folder, by the front end."""
+    from pagedllm.cli import _served_model_name, build_parser
+
+    snapshot = Path("/hf/hub/models--example--tiny-llama/snapshots") / ("0" * 40)
+    args = build_parser().parse_args(["serve", "--model", "example/tiny-llama"])
+    assert _served_model_name(args, snapshot) == "example/tiny-llama"
+    args = build_parser().parse_args(["serve", "--model", "example/tiny-llama", "--served-model-name", "mine"])
+    assert _served_model_name(args, snapshot) == "mine"
+    args = build_parser().parse_args(["serve", "--model", str(tiny_llama_dir)])
+    assert _served_model_name(args, tiny_llama_dir) is None
+
+
 def test_a_repository_whose_model_dir_is_a_repo_id_gets_its_openai_front_end(tmp_path, tiny_llama_dir):
     """`pagedllm serve --model-repository DIR` where the llm config.pbtxt's model_dir is a Hugging Face repo
     id: the launcher resolves it as the model does, and the OpenAI front end serves the checkpoint."""
@@ -358,7 +371,7 @@ def test_a_repository_whose_model_dir_is_a_repo_id_gets_its_openai_front_end(tmp
                 break
         assert any(f"serving {snapshot}" in ln for ln in lines), "".join(lines[-30:])
         r = requests.post(f"http://127.0.0.1:{openai_port}/v1/completions", timeout=60, json={
-            "model": snapshot.name, "prompt": "Hello", "max_tokens": 3})
+            "model": "example/tiny-llama", "prompt": "Hello", "max_tokens": 3})  # named as given
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
         proc.terminate()
         rest = proc.communicate(timeout=60)[0]

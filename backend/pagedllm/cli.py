@@ -111,9 +111,20 @@ def _openai_frontend(args, server, model_dir):
     from pagedllm.server.frontend import OpenAIFrontend
 
     return OpenAIFrontend(triton_grpc_url=server.grpc_url, model_dir=str(model_dir), port=args.openai_port,
-                          served_model_name=args.served_model_name, api_key=args.api_key,
+                          served_model_name=_served_model_name(args, model_dir), api_key=args.api_key,
                           metrics_url=server.metrics_url, max_model_len=_served_max_model_len(args, server),
                           max_request_bytes=args.max_request_bytes)
+
+
+def _served_model_name(args, model_dir: Path) -> str | None:
+    """--served-model-name; else a Hugging Face repo id as it was given, since its checkpoint is a snapshot
+    folder named by a commit hash; else None: the front end names the model after its folder."""
+    from pagedllm.server.repository import repository_parameter
+
+    given = repository_parameter(args.model_repository, "model_dir") if args.model_repository else args.model
+    if args.served_model_name or not given or Path(given).expanduser().exists():
+        return args.served_model_name
+    return given if Path(model_dir).name != Path(given).name else None
 
 
 def _served_max_model_len(args, server) -> int:

@@ -276,9 +276,38 @@ def test_tritonserver_style_arguments_become_pagedllm_serve():
 
     assert tritonserver_style(["--model-repository=/models", "--http-port", "8080", "--log-format=ISO8601",
                                "--strict-readiness", "true"]) == [
-        "serve", "--model-repository", "/models", "--http-port", "8080", "--",
+        "serve", "--started-as-tritonserver", "--model-repository", "/models", "--http-port", "8080", "--",
         "--log-format=ISO8601", "--strict-readiness", "true"]
-    assert tritonserver_style(["--model-store", "/m"]) == ["serve", "--model-repository", "/m"]
+    assert tritonserver_style(["--model-store", "/m"]) == [
+        "serve", "--started-as-tritonserver", "--model-repository", "/m"]
+
+
+def test_colliding_ports_are_refused_before_anything_starts(tmp_path, tiny_llama_dir):
+    """Else tritonserver takes the port, and the OpenAI front end fails once the model has loaded."""
+    for flags, words in ((["--openai-port", "8001"], "--openai-port and --grpc-port are both 8001"),
+                         (["--http-port", "8002"], "--metrics-port and --http-port are both 8002"),
+                         (["--grpc-port", "9000"], "--grpc-port is 9000, the OpenAI API's default port")):
+        r = serve_cli(tmp_path, "--model", str(tiny_llama_dir), *flags)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr
+        assert "tritonserver" not in r.stdout
+
+
+def test_kserves_grpc_port_9000_leaves_the_openai_api_off(monkeypatch, capsys):
+    """KServe's Triton runtime starts `tritonserver --grpc-port=9000 --http-port=8080`: the OpenAI API, not
+    asked for there, stays off rather than collide; PAGEDLLM_OPENAI_PORT turns it on."""
+    from pagedllm.cli import build_parser, openai_port, tritonserver_style
+    from pagedllm.server import LauncherError
+
+    kserve = tritonserver_style(["--model-repository=/mnt/models", "--grpc-port=9000", "--http-port=8080"])
+    assert openai_port(build_parser().parse_args(kserve)) == 0
+    assert "PAGEDLLM_OPENAI_PORT" in capsys.readouterr().err
+    helm = tritonserver_style(["--model-repository=/models"])  # Triton's default ports: no collision
+    assert openai_port(build_parser().parse_args(helm)) == 9000
+    monkeypatch.setenv("PAGEDLLM_OPENAI_PORT", "9100")
+    assert openai_port(build_parser().parse_args(kserve)) == 9100
+    monkeypatch.setenv("PAGEDLLM_OPENAI_PORT", "9000")  # asked for, and taken: refused
+    with pytest.raises(LauncherError, match="--openai-port and --grpc-port are both 9000"):
+        openai_port(build_parser().parse_args(kserve))
 
 
 def test_started_the_way_tritons_helm_chart_starts_a_container(tmp_path, tiny_llama_dir, echo_repository):

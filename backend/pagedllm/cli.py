@@ -18,6 +18,8 @@ from pagedllm.lifeline import DEFAULT_GRACE_S
 DEFAULT_TINY = dict(arch="llama", seed=0, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
                     intermediate_size=512, max_position=2048, rope_scaling="llama3")
 _DEFAULT_TINY_VERSION = "1"  # bump when DEFAULT_TINY changes, so old caches are rebuilt
+OPENAI_PORT_ENV = "PAGEDLLM_OPENAI_PORT"  # --openai-port where the command line is not ours (KServe)
+_STARTED_AS_TRITONSERVER = "--started-as-tritonserver"  # a hidden serve flag: see tritonserver_style
 
 
 def default_model_dir() -> Path:
@@ -82,9 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-grace-secs", type=float, default=DEFAULT_GRACE_S,
                        help="on SIGTERM / Ctrl-C, what requests in flight get to finish before they are ended "
                             f"with an error (default {DEFAULT_GRACE_S:g})")
-    serve.add_argument("--openai-port", type=int, default=9000,
-                       help="port of the OpenAI-compatible API (default 9000; 0: do not start it)")
+    from pagedllm.openai_api.server import DEFAULT_PORT as DEFAULT_OPENAI_PORT
     from pagedllm.openai_api.server import add_arguments as openai_arguments
+
+    serve.add_argument("--openai-port", type=int, default=os.environ.get(OPENAI_PORT_ENV) or None,
+                       help=f"port of the OpenAI-compatible API (default: ${OPENAI_PORT_ENV}, else "
+                            f"{DEFAULT_OPENAI_PORT}; 0: do not start it)")
+    serve.add_argument(_STARTED_AS_TRITONSERVER, action="store_true", help=argparse.SUPPRESS)
 
     openai_arguments(serve, standalone=False)
     _engine_flags(serve)
@@ -104,13 +110,42 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def _openai_frontend(args, server, model_dir):
-    """The OpenAI front end to start beside the server, or None (--openai-port 0, or no checkpoint known)."""
-    if not args.openai_port or model_dir is None:
+def openai_port(args) -> int:
+    """The OpenAI API's port (0: none). Ports that collide are refused here, before anything starts: else
+    tritonserver takes the port and the front end fails only once the model has loaded. That goes for
+    Triton's own ports, a port asked for (the flag, or $PAGEDLLM_OPENAI_PORT) and the default one, except
+    when started as `tritonserver ...`: KServe's Triton runtime passes --grpc-port=9000 and asks for no
+    OpenAI API, so it is left off, with a line saying how to turn it on."""
+    from pagedllm.openai_api.server import DEFAULT_PORT
+    from pagedllm.server import LauncherError
+
+    flag_of = {}
+    for flag in ("--http-port", "--grpc-port", "--metrics-port"):
+        port = getattr(args, flag[2:].replace("-", "_"))
+        if port in flag_of:
+            raise LauncherError(f"{flag} and {flag_of[port]} are both {port}")
+        flag_of[port] = flag
+    if args.openai_port is not None:
+        if args.openai_port in flag_of:
+            raise LauncherError(f"--openai-port and {flag_of[args.openai_port]} are both {args.openai_port}")
+        return args.openai_port
+    if DEFAULT_PORT not in flag_of:
+        return DEFAULT_PORT
+    if not args.started_as_tritonserver:
+        raise LauncherError(f"{flag_of[DEFAULT_PORT]} is {DEFAULT_PORT}, the OpenAI API's default port: give "
+                            f"--openai-port another one (0: no OpenAI API)")
+    print(f"pagedllm: no OpenAI API: its default port {DEFAULT_PORT} is tritonserver's {flag_of[DEFAULT_PORT]} "
+          f"here; set {OPENAI_PORT_ENV} to a free port to start it", file=sys.stderr, flush=True)
+    return 0
+
+
+def _openai_frontend(args, server, model_dir, port: int):
+    """The OpenAI front end to start beside the server, or None (port 0, or no checkpoint known)."""
+    if not port or model_dir is None:
         return None
     from pagedllm.server.frontend import OpenAIFrontend
 
-    return OpenAIFrontend(triton_grpc_url=server.grpc_url, model_dir=str(model_dir), port=args.openai_port,
+    return OpenAIFrontend(triton_grpc_url=server.grpc_url, model_dir=str(model_dir), port=port,
                           served_model_name=_served_model_name(args, model_dir), api_key=args.api_key,
                           metrics_url=server.metrics_url, max_model_len=_served_max_model_len(args, server),
                           max_request_bytes=args.max_request_bytes)
@@ -173,10 +208,11 @@ def serve(args, triton_args: list[str] = ()) -> int:
     from pagedllm.server.process import port_is_free
 
     try:
+        port = openai_port(args)  # before anything starts
         server, model_dir = _server(args, list(triton_args))
-    except CheckpointError as e:
+    except (CheckpointError, LauncherError) as e:
         return _fail(str(e))
-    frontend = _openai_frontend(args, server, model_dir)
+    frontend = _openai_frontend(args, server, model_dir, port)
 
     def on_sigterm(signum, frame):  # docker stop / kill: leave through the same path as Ctrl-C
         raise KeyboardInterrupt
@@ -230,7 +266,8 @@ _SERVE_FLAGS_OF_TRITONSERVER = ("--model-repository", "--model-store", "--http-p
 def tritonserver_style(argv: list[str]) -> list[str]:
     """`tritonserver --model-repository=DIR [flags]` (how Triton's Helm chart and KServe start a Triton
     container) as `pagedllm serve --model-repository DIR [ports] -- [the other flags]`: the repository is served
-    as it is, under pagedllm serve's supervision (drain, crash detection, the OpenAI API)."""
+    as it is, under pagedllm serve's supervision (drain, crash detection, the OpenAI API). A hidden flag tells
+    serve it was started this way (see openai_port)."""
     ours, theirs, i = [], [], 0
     while i < len(argv):
         name, eq, value = argv[i].partition("=")
@@ -242,7 +279,7 @@ def tritonserver_style(argv: list[str]) -> list[str]:
         else:
             theirs.append(argv[i])
         i += 1
-    return ["serve", *ours] + (["--", *theirs] if theirs else [])
+    return ["serve", _STARTED_AS_TRITONSERVER, *ours] + (["--", *theirs] if theirs else [])
 
 
 def main(argv=None) -> int:

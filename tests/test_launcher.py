@@ -3,11 +3,14 @@ with the Python backend (proved with a throwaway echo model written by the test,
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import queue
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +272,62 @@ def test_the_front_end_is_told_the_served_model_length(tmp_path, tiny_llama_dir)
     assert _served_max_model_len(args, _server(args, [])[0]) == 0  # not set: the checkpoint's
     config.write_text(set_parameters(config.read_text(), {"max_model_len": "300"}))
     assert _served_max_model_len(args, _server(args, [])[0]) == 300
+
+
+def processes_under(path: Path) -> list[int]:
+    """pids of live processes whose command line names `path` (a test's cache: runtime directories, logs)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(path).encode() in cmd and state != "Z":
+            found.append(int(pid))
+    return found
+
+
+def test_a_second_ctrl_c_does_not_cut_the_stop_short(tmp_path, tiny_llama_dir, echo_repository):
+    """Ctrl-C again while the server stops (a model slow to unload holds it up) is ignored: tritonserver and
+    the front end are still stopped, the shared memory removed, and serve exits 0."""
+    from server_utils import free_ports
+
+    model = echo_repository / "echo" / "1" / "model.py"
+    model.write_text("import time\n" + model.read_text()
+                     + "\n    def finalize(self):\n        time.sleep(3)\n")
+    http, grpc, metrics, openai_port = free_ports(4)
+    env = {**cli_env(tmp_path), "PAGEDLLM_MODEL_REPOSITORY": str(echo_repository)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pagedllm.cli", "serve", "--model", str(tiny_llama_dir), "--http-port", str(http),
+         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--openai-port", str(openai_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C stops the server" in line:
+                break
+        shm_prefix = f"pagedllm{proc.pid}-"
+        assert [n for n in os.listdir("/dev/shm") if n.startswith(shm_prefix)], "".join(lines[-30:])
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: serve and the front end get it
+        for line in proc.stdout:
+            lines.append(line)
+            if "stopping the server" in line:
+                break
+        time.sleep(0.5)  # into the stop: tritonserver is unloading the slow model
+        os.killpg(proc.pid, signal.SIGINT)
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, rest
+    assert "successfully unloaded 'echo'" in rest and "Traceback" not in rest, rest
+    assert not processes_under(tmp_path), processes_under(tmp_path)  # tritonserver and its stub
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(shm_prefix)]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{openai_port}/health", timeout=5)
 
 
 def test_tritonserver_style_arguments_become_pagedllm_serve():

@@ -237,10 +237,14 @@ def serve(args, triton_args: list[str] = ()) -> int:
     except ServerError as e:
         return _fail(str(e), 1)
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the stop below is not to be cut short
+        # The stop below is not to be cut short: a second Ctrl-C (or SIGTERM) would skip killing what is left
+        # of the server's processes, removing its shared memory and stopping the front end. It is bounded.
+        on_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         server.stop(**stop)
         if frontend is not None:
             frontend.stop()
+        signal.signal(signal.SIGINT, on_sigint)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 

@@ -11,6 +11,7 @@ import base64
 import io
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import openai
@@ -336,6 +337,46 @@ def test_api_key(llm_server, tmp_path, model_name):
         assert requests.get(f"{frontend.url}/v1/models", timeout=30).status_code == 401
         ok = openai.OpenAI(base_url=f"{frontend.url}/v1", api_key="s3cret", max_retries=0)
         assert ok.completions.create(model=model_name, prompt="x", max_tokens=2).choices[0].finish_reason
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_front_end_dies_with_the_process_that_started_it(tiny_llama_dir, tmp_path):
+    """Its parent killed (SIGKILL: no stop), the front end gets SIGTERM and exits; started with a parent pid
+    that is not its parent's (that parent died before the child could ask for the signal), it exits at once."""
+    import subprocess
+    import sys
+
+    from server_utils import cli_env, free_ports
+
+    starter = ("import sys, time\n"
+               "from pagedllm.server.frontend import OpenAIFrontend\n"
+               "f = OpenAIFrontend(triton_grpc_url='127.0.0.1:1', model_dir=sys.argv[1], port=int(sys.argv[2]))\n"
+               "print(f.start().wait_ready(healthy=False).process.pid, flush=True)\n"
+               "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", starter, str(tiny_llama_dir), str(free_ports(1)[0])],
+                              stdout=subprocess.PIPE, text=True, env=cli_env(tmp_path))
+    try:
+        child = int(parent.stdout.readline())
+        assert alive(child)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 15
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(child)
+
+    orphan = subprocess.run(
+        [sys.executable, "-m", "pagedllm.openai_api.server", "--model-dir", str(tiny_llama_dir), "--port",
+         str(free_ports(1)[0])], capture_output=True, text=True, timeout=60,
+        env={**cli_env(tmp_path), "PAGEDLLM_PARENT_PID": "1"})
+    assert orphan.returncode == 1 and "is gone" in orphan.stderr, orphan.stderr
 
 
 def test_503_while_tritonserver_is_not_there(llm_server, tmp_path, model_name):

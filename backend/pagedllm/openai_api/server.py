@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 
 from ..model.spec import load_model_spec, resolve_model
@@ -16,6 +18,8 @@ from .embeds_payload import max_base64_chars
 from .prompts import ModelFacts
 
 API_KEY_ENV = "PAGEDLLM_API_KEY"
+PARENT_PID_ENV = "PAGEDLLM_PARENT_PID"  # set by the process that starts us as its child (server/frontend.py)
+_PR_SET_PDEATHSIG = 1
 DEFAULT_PORT = 9000
 # Starlette reads a whole body into memory and parses its JSON on the one event loop, while every other request
 # waits: the default body limit never goes above this (--max-request-bytes can).
@@ -78,9 +82,27 @@ def build(args):
                               metrics_url=args.metrics_url, max_request_bytes=max_bytes))
 
 
+def die_with_parent() -> None:
+    """Started as a child (PAGEDLLM_PARENT_PID): get SIGTERM when the parent dies, so that no front end outlives
+    `pagedllm serve`. Asked for here, after exec, rather than in a preexec_fn between fork and exec, which is
+    not safe in a threaded parent. The parent may have died before this ran: then we leave now."""
+    parent = os.environ.pop(PARENT_PID_ENV, None)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):
+        raise SystemExit(f"pagedllm openai: the process that started it ({parent}) is gone; exiting")
+
+
 def main(argv=None) -> int:
     import uvicorn
 
+    die_with_parent()
     parser = argparse.ArgumentParser(prog="pagedllm openai", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)

@@ -2,6 +2,7 @@
 default): started once Triton is ready, checked through its /health, stopped with the server."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -10,8 +11,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ..openai_api.server import PARENT_PID_ENV
 from .locate import LauncherError, python_environment
-from .process import _die_with_parent, port_is_free
+from .process import port_is_free
 
 
 class OpenAIFrontend:
@@ -46,9 +48,11 @@ class OpenAIFrontend:
         if not port_is_free(self.port):
             raise LauncherError(f"port {self.port} (OpenAI API) already in use")
         self._log = open(self.log_path, "ab") if self.log_path else None
-        self.process = subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL,
-                                        stdout=self._log or None, stderr=subprocess.STDOUT if self._log else None,
-                                        preexec_fn=_die_with_parent)
+        # The child asks for a parent-death signal itself (openai_api.server.die_with_parent). That signal comes
+        # when the thread that started the child ends: start front ends from the main thread.
+        self.process = subprocess.Popen(self.command, env={**self.env, PARENT_PID_ENV: str(os.getpid())},
+                                        stdin=subprocess.DEVNULL, stdout=self._log or None,
+                                        stderr=subprocess.STDOUT if self._log else None)
         return self
 
     def wait_ready(self, timeout: float = 120.0, healthy: bool = True) -> "OpenAIFrontend":

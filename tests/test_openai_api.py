@@ -211,12 +211,54 @@ def status_and_message(fn) -> tuple[int, str]:
     ({"prompt": "x", "extra_body": {"min_p": 0.1}}, 400, "min_p"),
     ({"prompt": "x", "logit_bias": {"5": 3}}, 400, "logit_bias"),
     ({"prompt": "x", "n": 1000}, 400, "n"),
+    # integers beyond the model's input dtypes, which would wrap (2**32 + 16 -> 16) or fail to convert
+    ({"prompt": "x", "max_tokens": 2**32 + 16}, 400, "max_tokens"),
+    ({"prompt": "x", "extra_body": {"top_k": 2**32 + 1}}, 400, "top_k"),
+    ({"prompt": "x", "extra_body": {"min_tokens": 2**32}}, 400, "min_tokens"),
+    ({"prompt": "x", "extra_body": {"stop_token_ids": [2**64 + 1]}}, 400, "stop_token_ids"),
+    ({"prompt": "x", "seed": 2**64}, 400, "seed"),
+    ({"prompt": [[1, 2], [3, 2**63]]}, 400, "prompt[1]: token id 9223372036854775808"),
+    ({"prompt": [3, 2**64 + 5]}, 400, "prompt: token id"),
 ])
 def test_bad_requests_get_400_naming_the_field(client, model_name, kwargs, status, words, llm_server):
     kwargs = {"model": model_name, "max_tokens": 4, **kwargs}
     got, message = status_and_message(lambda: client.completions.create(**kwargs))
     assert got == status and words in message, message
     assert blocks_all_free(llm_server)
+
+
+@pytest.mark.parametrize("field, value", [("max_completion_tokens", 2**32 + 16), ("max_tokens", 2**31),
+                                          ("top_k", 2**32 + 1), ("min_tokens", -1)])
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_integers_out_of_range_get_400(client, model_name, field, value, stream):
+    got, message = status_and_message(lambda: client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": "Hi"}], stream=stream, extra_body={field: value}))
+    assert got == 400 and message.startswith(field), message
+
+
+def test_a_value_the_models_inputs_cannot_hold_is_a_400_whole_or_streamed():
+    """Whatever gets past the bounds and still cannot become the model's input tensors (numpy raises
+    OverflowError or ValueError) is the request's fault: a 400, not a 500 or a stream cut short."""
+    from pagedllm_client import GenerateOptions
+
+    from pagedllm.openai_api.prompts import Generation, Prompt
+    from pagedllm.openai_api.service import APIError, Runner
+
+    class Client:
+        def generate_stream(self, **kwargs):
+            raise OverflowError("Python integer 4294967312 out of bounds for int32")
+
+    async def run(stream: bool):
+        runner, never = Runner(Client()), asyncio.get_running_loop().create_future()
+        gens = [Generation(0, Prompt(text="x"), GenerateOptions(max_tokens=2**32 + 16))]
+        if stream:
+            return [item async for item in runner.stream(gens)]
+        return await runner.collect(gens, never)
+
+    for stream in (False, True):
+        with pytest.raises(APIError) as e:
+            asyncio.run(run(stream))
+        assert e.value.status == 400 and "out of bounds" in e.value.message
 
 
 def test_a_failing_choice_cancels_the_other_choices(client, model_name, llm_server, tok):

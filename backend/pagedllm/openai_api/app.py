@@ -250,7 +250,7 @@ def _validation_message(e: RequestValidationError) -> str:
         message = "unknown field (not supported by this server)"
     if err.get("type") == "json_invalid":
         return f"the body is not valid JSON ({err.get('ctx', {}).get('error', '')})"
-    if message.split(":", 1)[0] in loc:  # the validator already named it
+    if message.split(":", 1)[0].split("[", 1)[0] in loc:  # the validator already named it (or its item)
         return message
     return f"{'.'.join(loc)}: {message}" if loc else message
 

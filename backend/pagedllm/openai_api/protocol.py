@@ -4,11 +4,17 @@ Completions fields, vLLM's extra sampling keys (sent through the openai client's
 the result silently. OpenAI fields that only restate what happens anyway are accepted with those values."""
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_CHOICES = 128  # prompts x n in one request
+
+# Integers go to the `llm` model as tensors of its input dtypes (INT32 counts, INT64 token ids, UINT64 seed):
+# a value outside the dtype would wrap around (numpy < 2) or fail to convert, so it is refused here, by name.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
 
 # `stop` as OpenAI takes it: one string or a list.
 Stop = Union[str, list[str], None]
@@ -37,11 +43,11 @@ class SamplingFields(BaseModel):
     user: str | None = None  # the caller's own end-user id: recorded nowhere, changes nothing
     logit_bias: dict[str, float] | None = None
     # vLLM's extra keys (openai client: extra_body={...})
-    top_k: int | None = None
-    min_tokens: int | None = None
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
+    min_tokens: int | None = Field(None, ge=0, le=INT32_MAX)
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool | None = None
 
     @field_validator("logit_bias")
@@ -59,11 +65,23 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]], None] = None
     prompt_embeds: Union[str, list[str], None] = None  # vLLM's: base64 of torch.save(tensor), or a list
-    max_tokens: int | None = Field(16, ge=-1)  # OpenAI's default; -1 or None (vLLM): up to the model length
+    max_tokens: int | None = Field(16, ge=-1, le=INT32_MAX)  # OpenAI's; -1 or None (vLLM): up to the model length
     echo: bool = False
     logprobs: int | None = Field(None, ge=0)
     best_of: int | None = None
     suffix: None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _token_ids_fit_int64(cls, v):
+        """Checked here rather than by the union's member types, whose errors would name every member."""
+        if isinstance(v, list) and v and not isinstance(v[0], str):
+            for i, ids in enumerate(v if isinstance(v[0], list) else [v]):
+                bad = next((t for t in ids if not 0 <= t <= INT64_MAX), None)
+                if bad is not None:
+                    name = f"prompt[{i}]" if isinstance(v[0], list) else "prompt"
+                    raise ValueError(f"{name}: token id {bad} is outside [0, 2^63)")
+        return v
 
     @model_validator(mode="after")
     def _check(self):
@@ -103,8 +121,8 @@ class ResponseFormat(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=-1)
-    max_completion_tokens: int | None = Field(None, ge=-1)
+    max_tokens: int | None = Field(None, ge=-1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=-1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
     response_format: ResponseFormat | None = None

@@ -89,8 +89,11 @@ class Runner:
 
     async def _chunks(self, gen: Generation) -> AsyncIterator[Chunk]:
         outputs = LOGPROB_OUTPUTS if gen.options.return_logprobs else TEXT_OUTPUTS
-        stream = self.client.generate_stream(**gen.prompt.client_kwargs(), options=gen.options,
-                                             timeout=self.timeout, outputs=outputs)
+        try:
+            stream = self.client.generate_stream(**gen.prompt.client_kwargs(), options=gen.options,
+                                                 timeout=self.timeout, outputs=outputs)
+        except (ValueError, OverflowError) as e:  # a value the model's input tensors cannot hold
+            raise APIError(400, str(e)) from None
         try:
             async for chunk in stream:
                 yield chunk

@@ -114,10 +114,10 @@ def start_server(model_dir, *, model_repository=None, runtime_dir=None, paramete
 @contextlib.contextmanager
 def start_openai(server: RunningServer, log_path: Path, **kwargs):
     """The OpenAI front end (as `pagedllm serve` starts it) in front of a running server; yields it (`url`,
-    `api_key`). kwargs: served_model_name, api_key, triton_grpc_url (default: the server's)."""
+    `api_key`). kwargs: served_model_name, api_key, triton_grpc_url and model_dir (default: the server's)."""
     kwargs.setdefault("triton_grpc_url", server.grpc_url)
-    frontend = OpenAIFrontend(model_dir=str(server.model_dir), port=free_ports(1)[0], metrics_url=server.metrics_url,
-                              log_path=log_path, **kwargs)
+    kwargs.setdefault("model_dir", str(server.model_dir))
+    frontend = OpenAIFrontend(port=free_ports(1)[0], metrics_url=server.metrics_url, log_path=log_path, **kwargs)
     frontend.start()
     try:
         if kwargs["triton_grpc_url"] == server.grpc_url:

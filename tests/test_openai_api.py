@@ -280,6 +280,38 @@ def test_a_failing_choice_cancels_the_other_choices(client, model_name, llm_serv
     assert metric(llm_server.metrics_url, "pagedllm_num_requests_running") == 0 and blocks_all_free(llm_server)
 
 
+ALTERNATING_TEMPLATE = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+
+
+def test_a_chat_the_template_refuses_gets_400_saying_why(llm_server, tmp_path):
+    """A checkpoint whose chat template calls raise_exception (roles must alternate, as Llama 2's and Mistral's
+    do): that is the request's fault, a 400 with the template's words, whole or streamed."""
+    import json
+    import shutil
+
+    from server_utils import start_openai
+
+    model = tmp_path / "alternating"
+    shutil.copytree(llm_server.model_dir, model)
+    (model / "chat_template.jinja").write_text(ALTERNATING_TEMPLATE)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": ALTERNATING_TEMPLATE}))
+
+    with start_openai(llm_server, tmp_path / "openai.log", model_dir=str(model)) as frontend:
+        chat = openai.OpenAI(base_url=f"{frontend.url}/v1", api_key="unused", max_retries=0).chat.completions
+        twice = [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Hi again"}]
+        for stream in (False, True):
+            got, message = status_and_message(lambda: chat.create(model=model.name, messages=twice, stream=stream,
+                                                                   max_tokens=2))
+            assert got == 400 and message.startswith("messages:") and "must alternate" in message, message
+        ok = chat.create(model=model.name, messages=twice[:1], max_tokens=2)
+        assert ok.choices[0].finish_reason
+
+
 def zip_with_data_pkl(pkl: bytes) -> bytes:
     import zipfile
 

@@ -32,10 +32,18 @@ def text_token_ids(tokenizer, text: str) -> list[int]:
 def chat_token_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                    input_name: str = "messages") -> list[int]:
     """Token ids of `messages` ([{"role": ..., "content": ...}]) in the tokenizer's chat template. Raises
-    InvalidRequest, naming the input that asked for the template, when the checkpoint has none."""
+    InvalidRequest, naming the input that asked for the template, when the checkpoint has none or the template
+    refuses the messages (its `raise_exception("roles must alternate ...")`, or a message it cannot render)."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest(f"{input_name}: this checkpoint's tokenizer has no chat template")
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    except TemplateSyntaxError:
+        raise  # the checkpoint's fault, whatever the messages
+    except TemplateError as e:
+        raise InvalidRequest(f"{input_name}: the chat template refused them: {e}") from None
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # some transformers versions return a BatchEncoding
         ids = ids["input_ids"]
     return [int(t) for t in ids]

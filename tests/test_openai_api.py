@@ -227,6 +227,57 @@ def test_bad_requests_get_400_naming_the_field(client, model_name, kwargs, statu
     assert blocks_all_free(llm_server)
 
 
+def test_a_stream_refused_before_its_first_token_gets_its_http_status(client, model_name, llm_server, tok):
+    """As vLLM does, so that clients and load balancers see it: not a 200 with an error event inside (the
+    chat's role delta first). The openai package raises BadRequestError."""
+    too_long = [5] * (hf_model(str(llm_server.model_dir)).config.max_position_embeddings + 10)
+    for prompt in (too_long, [tok(TEXT)["input_ids"], too_long]):  # alone, or beside a prompt that is fine
+        with pytest.raises(openai.BadRequestError, match="model length"):
+            for _ in client.completions.create(model=model_name, prompt=prompt, max_tokens=4, stream=True):
+                pass
+    with pytest.raises(openai.BadRequestError, match="model length"):
+        for _ in client.chat.completions.create(model=model_name, max_tokens=4, stream=True,
+                                                messages=[{"role": "user", "content": "river " * 600}]):
+            pass
+    assert blocks_all_free(llm_server)
+    chunks = list(client.completions.create(model=model_name, prompt=TEXT, stream=True, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks) == greedy_text(llm_server, tok, ids=tok(TEXT)["input_ids"])
+
+
+def test_a_client_gone_before_the_first_token_cancels_the_stream():
+    """While a stream waits for its first token (queued behind others), the client leaving cancels it."""
+    from pagedllm_client import GenerateOptions
+
+    from pagedllm.openai_api.prompts import Generation, Prompt
+    from pagedllm.openai_api.service import APIError, Runner
+
+    closed = []
+
+    class Silent:  # a request that has not been scheduled yet
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            await asyncio.sleep(3600)
+
+        def close(self):
+            closed.append(True)
+
+    class Client:
+        def generate_stream(self, **kwargs):
+            return Silent()
+
+    async def run():
+        gone = asyncio.get_running_loop().create_future()
+        gone.set_result(None)
+        gens = [Generation(i, Prompt(text="x"), GenerateOptions()) for i in range(2)]
+        await Runner(Client()).open_stream(gens, gone)
+
+    with pytest.raises(APIError) as e:
+        asyncio.run(run())
+    assert e.value.status == 499 and closed == [True, True]
+
+
 @pytest.mark.parametrize("field, value", [("max_completion_tokens", 2**32 + 16), ("max_tokens", 2**31),
                                           ("top_k", 2**32 + 1), ("min_tokens", -1)])
 @pytest.mark.parametrize("stream", [False, True])
@@ -460,8 +511,10 @@ def test_503_while_tritonserver_is_not_there(llm_server, tmp_path, model_name):
     with start_openai(llm_server, tmp_path / "openai.log", triton_grpc_url=dead) as frontend:
         frontend.wait_ready(healthy=False)
         assert requests.get(f"{frontend.url}/health", timeout=30).status_code == 503
-        r = requests.post(f"{frontend.url}/v1/completions", json={"model": model_name, "prompt": "x"}, timeout=30)
-        assert r.status_code == 503 and r.json()["error"]["message"]
+        for stream in (False, True):
+            r = requests.post(f"{frontend.url}/v1/completions", json={"model": model_name, "prompt": "x",
+                                                                       "stream": stream}, timeout=30)
+            assert r.status_code == 503 and r.json()["error"]["message"]
 
 
 def test_disconnecting_mid_stream_frees_the_blocks(openai_server, model_name, llm_server):

@@ -74,7 +74,8 @@ def build_app(settings: Settings) -> FastAPI:
         echoes = {g.index: g.prompt.echo_text if req.echo else "" for g in gens}
         rid, created = new_id("cmpl"), now()
         if req.stream:
-            return _event_stream(state.completion_events(req, gens, echoes, rid, created))
+            chunks = await state.runner.open_stream(gens, _disconnected(request))  # errors so far: their status
+            return _event_stream(state.completion_events(req, gens, chunks, echoes, rid, created))
         choices = await state.runner.collect(gens, _disconnected(request))
         for c in choices:
             c.echo = echoes[c.index]
@@ -92,7 +93,8 @@ def build_app(settings: Settings) -> FastAPI:
         gens = _invalid_as_400(fan_out, [prompt], options, req.n)
         rid, created = new_id("chatcmpl"), now()
         if req.stream:
-            return _event_stream(state.chat_events(req, gens, rid, created))
+            chunks = await state.runner.open_stream(gens, _disconnected(request))  # errors so far: their status
+            return _event_stream(state.chat_events(req, gens, chunks, rid, created))
         choices = await state.runner.collect(gens, _disconnected(request))
         return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
@@ -142,12 +144,12 @@ class _State:
         lp = self.completion_logprobs(c.token_ids, c.logprobs, len(c.echo)) if with_logprobs else None
         return {"index": c.index, "text": c.echo + "".join(c.text), "logprobs": lp, "finish_reason": c.finish_reason}
 
-    async def completion_events(self, req: CompletionRequest, gens, echoes: dict[int, str], rid: str,
+    async def completion_events(self, req: CompletionRequest, gens, chunks, echoes: dict[int, str], rid: str,
                                 created: int):
         choices = {g.index: Choice(g.index) for g in gens}
         opts = req.stream_options
         head = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
-        async for index, chunk in self._events(gens):
+        async for index, chunk in _in_stream_errors(chunks):
             if isinstance(chunk, APIError):
                 yield sse(chunk.body())
                 break
@@ -172,14 +174,14 @@ class _State:
                 yield sse({**head, "choices": [], "usage": usage(list(choices.values()), req.n)})
         yield "data: [DONE]\n\n"
 
-    async def chat_events(self, req: ChatCompletionRequest, gens, rid: str, created: int):
+    async def chat_events(self, req: ChatCompletionRequest, gens, chunks, rid: str, created: int):
         choices = {g.index: Choice(g.index) for g in gens}
         opts = req.stream_options
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
         for g in gens:  # OpenAI's first delta of each choice carries the role
             yield sse({**head, "choices": [{"index": g.index, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]})
-        async for index, chunk in self._events(gens):
+        async for index, chunk in _in_stream_errors(chunks):
             if isinstance(chunk, APIError):
                 yield sse(chunk.body())
                 break
@@ -197,13 +199,14 @@ class _State:
                 yield sse({**head, "choices": [], "usage": usage(list(choices.values()), req.n)})
         yield "data: [DONE]\n\n"
 
-    async def _events(self, gens):
-        """The runner's chunks; an error after the response started becomes one last item (an SSE error)."""
-        try:
-            async for item in self.runner.stream(gens):
-                yield item
-        except APIError as e:
-            yield -1, e
+
+async def _in_stream_errors(chunks):
+    """The chunks; an error after the response started becomes one last item (an SSE error)."""
+    try:
+        async for item in chunks:
+            yield item
+    except APIError as e:
+        yield -1, e
 
 
 def _event_stream(events) -> StreamingResponse:

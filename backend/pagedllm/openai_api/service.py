@@ -12,7 +12,7 @@ import json
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from pagedllm_client import AsyncClient, Chunk, PagedLLMError
 
@@ -27,6 +27,8 @@ LOGPROB_OUTPUTS = TEXT_OUTPUTS + ("token_ids", "logprobs")
 _GRPC_STATUS = {"INVALID_ARGUMENT": 400, "UNAVAILABLE": 503, "NOT_FOUND": 503, "DEADLINE_EXCEEDED": 504,
                 "CANCELLED": 499}
 _KIND_STATUS = {INTERNAL: 500, UNAVAILABLE: 503, CANCELLED: 499}
+
+T = TypeVar("T")
 
 
 class APIError(Exception):
@@ -107,26 +109,36 @@ class Runner:
             on_chunk(gen.index, chunk)
 
     async def collect(self, gens: list[Generation], disconnected: Awaitable[None]) -> list[Choice]:
-        """Every choice, whole. If the client disconnects first, every generation is cancelled."""
+        """Every choice, whole. The first error is the answer, and the other generations are cancelled; so are
+        they all if the client disconnects first."""
         choices = {g.index: Choice(g.index) for g in gens}
+        await until_disconnected(self._run_all(gens, lambda i, c: choices[i].add(c)), disconnected)
+        return [choices[g.index] for g in gens]
+
+    async def _run_all(self, gens: list[Generation], on_chunk) -> None:
         # A task per generation, each cancelled below: a gather() that has failed leaves its other children
         # running, and their streams would go on generating for nobody.
-        tasks = [asyncio.ensure_future(self._one(g, lambda i, c: choices[i].add(c))) for g in gens]
-        watcher = asyncio.ensure_future(disconnected)
+        tasks = [asyncio.ensure_future(self._one(g, on_chunk)) for g in gens]
         try:
-            running = set(tasks)
-            while running:
-                done, running = await asyncio.wait(running | {watcher}, return_when=asyncio.FIRST_COMPLETED)
-                running.discard(watcher)
-                for task in done - {watcher}:
-                    task.result()  # the first error is the answer; the rest are cancelled below
-                if watcher in done:  # the client left: nobody to answer, and nothing left running for it
-                    raise APIError(499, "the client disconnected")
+            for task in asyncio.as_completed(tasks):
+                await task  # the first error raises; the rest are cancelled below
         finally:
-            for task in (*tasks, watcher):
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, watcher, return_exceptions=True)  # streams closed before we return
-        return [choices[g.index] for g in gens]
+            await asyncio.gather(*tasks, return_exceptions=True)  # streams closed before we return
+
+    async def open_stream(self, gens: list[Generation], disconnected: Awaitable[None]
+                          ) -> AsyncIterator[tuple[int, Chunk]]:
+        """stream(gens), once every generation has sent its first chunk: an error before that (a prompt too
+        long, the server draining) raises here, to be answered with its HTTP status, as vLLM does, rather than
+        inside an event stream that has already said 200. Errors after that come inside the stream."""
+        items = self.stream(gens)
+        try:
+            first = await until_disconnected(_first_of_each(items, {g.index for g in gens}), disconnected)
+        except BaseException:
+            await items.aclose()
+            raise
+        return _chained(first, items)
 
     async def stream(self, gens: list[Generation]) -> AsyncIterator[tuple[int, Chunk]]:
         """(choice index, chunk) in the order they arrive. Leaving the iteration early cancels the rest."""
@@ -160,6 +172,42 @@ class Runner:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until_disconnected(work: Awaitable[T], disconnected: Awaitable[None]) -> T:
+    """`work`'s result. If the client disconnects first, nobody is left to answer: `work` is cancelled (its
+    streams closed before this returns) and 499 raised."""
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnected)
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task not in done:
+            raise APIError(499, "the client disconnected")
+        return task.result()
+    finally:
+        for t in (task, watcher):
+            t.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+
+
+async def _first_of_each(items: AsyncIterator[tuple[int, Chunk]], indexes: set[int]) -> list[tuple[int, Chunk]]:
+    """Items until every choice index in `indexes` has had one (or the items end); `items` is left open."""
+    first, waiting = [], set(indexes)
+    async for index, chunk in items:
+        first.append((index, chunk))
+        waiting.discard(index)
+        if not waiting:
+            break
+    return first
+
+
+async def _chained(first: list, rest: AsyncIterator) -> AsyncIterator:
+    try:
+        for item in first:
+            yield item
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()  # leaving early (the client gone) cancels the generations still running
 
 
 def new_id(prefix: str) -> str:

@@ -195,6 +195,16 @@ def test_sampling_options_n_seed_echo_and_logprobs(client, model_name, llm_serve
     assert extra.choices[0].text == plain.choices[0].text
 
 
+def test_streamed_echo_and_logprobs_offsets_equal_the_whole_answers(client, model_name):
+    """text_offset counts from the start of the choice's text, the echoed prompt included, streamed or not."""
+    whole = client.completions.create(model=model_name, prompt=TEXT, echo=True, logprobs=0, **GREEDY)
+    chunks = list(client.completions.create(model=model_name, prompt=TEXT, echo=True, logprobs=0, stream=True,
+                                            **GREEDY))
+    assert chunks[0].choices[0].logprobs.text_offset[0] == len(TEXT)
+    assert [o for c in chunks for o in c.choices[0].logprobs.text_offset] == whole.choices[0].logprobs.text_offset
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+
+
 # ------------------------------------------------------------------------------------------ errors
 def status_and_message(fn) -> tuple[int, str]:
     with pytest.raises(openai.APIStatusError) as e:
@@ -422,6 +432,19 @@ def test_an_oversized_body_is_refused_before_it_is_read(openai_server):
     conn.endheaders()
     r = conn.getresponse()
     assert r.status == 413 and "limit" in json.loads(r.read())["error"]["message"]
+    conn.close()
+
+
+def test_a_body_without_a_length_gets_411_as_an_invalid_request(openai_server):
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", openai_server.port, timeout=30)
+    conn.request("POST", "/v1/completions", body=iter([b'{"model": "x"}']),  # an iterator: sent chunked
+                 headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    error = json.loads(r.read())["error"]
+    assert r.status == 411 and error["type"] == "invalid_request_error" and "Content-Length" in error["message"]
     conn.close()
 
 

@@ -146,7 +146,8 @@ class _State:
 
     async def completion_events(self, req: CompletionRequest, gens, chunks, echoes: dict[int, str], rid: str,
                                 created: int):
-        choices = {g.index: Choice(g.index) for g in gens}
+        choices = {g.index: Choice(g.index, echo=echoes[g.index]) for g in gens}
+        offsets = {g.index: len(echoes[g.index]) for g in gens}  # the next token's text_offset
         opts = req.stream_options
         head = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
         async for index, chunk in _in_stream_errors(chunks):
@@ -154,16 +155,15 @@ class _State:
                 yield sse(chunk.body())
                 break
             c = choices[index]
-            offset = len(c.echo) + sum(len(t) for t in c.text)
-            first = not c.echo and not c.text and echoes[index]
+            echo = "" if c.text else c.echo  # sent with the choice's first chunk
             c.add(chunk)
-            if first:
-                c.echo = echoes[index]
-            text = (echoes[index] if first else "") + chunk.text
+            text = echo + chunk.text
             if not text and not chunk.finish_reason and not chunk.logprobs:
                 continue
-            lp = self.completion_logprobs(chunk.token_ids, chunk.logprobs or [], offset) \
-                if req.logprobs is not None else None
+            lp = None
+            if req.logprobs is not None:  # offsets as in the whole answer: the echo, then each token's text
+                lp = self.completion_logprobs(chunk.token_ids, chunk.logprobs or [], offsets[index])
+                offsets[index] += sum(len(t) for t in lp["tokens"])
             event = {**head, "choices": [{"index": index, "text": text, "logprobs": lp,
                                           "finish_reason": chunk.finish_reason}]}
             if opts and opts.continuous_usage_stats:

@@ -40,8 +40,8 @@ class APIError(Exception):
         self.message = message
 
     def body(self) -> dict:
-        kind = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-                413: "invalid_request_error", 503: "service_unavailable"}.get(self.status, "server_error")
+        kind = {401: "authentication_error", 503: "service_unavailable"}.get(self.status)
+        kind = kind or ("invalid_request_error" if self.status < 500 else "server_error")
         return {"error": {"message": self.message, "type": kind, "param": None, "code": self.status}}
 
 

@@ -80,10 +80,12 @@ class LLMEngine:
         """Which tensor-parallel rank died, if one did (the engine cannot serve without it)."""
         return None if self.workers is None else self.workers.failure()
 
-    def close(self) -> None:
-        """Stop the tensor-parallel workers (nothing to do with one rank)."""
+    def close(self, graceful: bool = True) -> None:
+        """Stop the tensor-parallel workers (nothing to do with one rank): told to stop, or killed when not
+        graceful (a step may still be running on another thread, inside its collectives)."""
         if self.workers is not None:
-            self.workers.stop(lambda: dist.broadcast(self.runner.stop_message(), src=0))
+            send_stop = lambda: dist.broadcast(self.runner.stop_message(), src=0)  # noqa: E731
+            self.workers.stop(send_stop if graceful else None)
 
     def warmup(self) -> None:
         """Run one short request through prefill and decode, so that the Triton kernels are compiled (about a

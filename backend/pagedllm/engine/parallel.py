@@ -10,6 +10,9 @@ Workers are started with `subprocess` and an explicit Python interpreter rather 
 Triton's Python backend stub, `sys.executable` is the stub binary, which cannot start Python workers. The
 interpreter is $PAGEDLLM_PYTHON (the launcher sets it), else the `python3` the stub's PATH finds (the launcher
 puts the virtual environment's first). The rendezvous port is a free one, found when the workers start.
+A worker's stdin is a pipe from the engine that is never written: it reaches end-of-file when the engine's
+process ends, however it ends, and the worker then exits (a parent-death signal would fire when the *thread*
+that started the workers ends, and setting one between fork and exec is not safe in a threaded process).
 """
 from __future__ import annotations
 
@@ -17,10 +20,10 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -98,7 +101,7 @@ class Workers:
         self.procs = [subprocess.Popen(
             [python, "-m", "pagedllm.engine.worker", "--rank", str(rank), "--init", self.init_method,
              "--config", worker_config],
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent) for rank in range(1, self.world)]
+            stdin=subprocess.PIPE) for rank in range(1, self.world)]  # the pipe: see the module's docstring
         log.info("pagedllm: started tensor-parallel ranks 1..%d (pids %s) with %s", self.world - 1,
                  [p.pid for p in self.procs], python)
         self._stopped = False
@@ -123,32 +126,38 @@ class Workers:
                 return f"tensor-parallel rank {rank} (pid {proc.pid}) {how}"
         return None
 
-    def stop(self, send_stop, timeout: float = 10.0) -> None:
+    def stop(self, send_stop=None, timeout: float = 10.0) -> None:
         """`send_stop()` broadcasts the stop message (the model runner knows its layout); then the workers exit,
-        or are killed."""
+        or are killed. Without send_stop (the engine thread may still be inside a step's collectives, where a
+        message of ours would interleave with its own) they are killed at once."""
         if self._stopped:
             return
         self._stopped = True
-        if all(p.poll() is None for p in self.procs):
+        if send_stop is not None and all(p.poll() is None for p in self.procs):
             try:
                 send_stop()
             except Exception:  # a broken group: they are killed below
                 log.exception("pagedllm: telling the tensor-parallel ranks to stop failed")
         for proc in self.procs:
             try:
-                proc.wait(timeout)
+                proc.wait(timeout if send_stop is not None else 0)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if dist.is_initialized():
+            if proc.stdin is not None:
+                proc.stdin.close()
+        if send_stop is not None and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _die_with_parent() -> None:
-    """In a worker before exec: SIGKILL when the engine's process dies, so no rank is ever orphaned."""
-    try:
-        import ctypes
+def exit_when_parent_exits() -> None:
+    """In a worker: end this process when the engine's ends (its stdin, our pipe, reaches end-of-file)."""
+    def watch() -> None:
+        try:
+            while sys.stdin.buffer.read(4096):
+                pass
+        except OSError:
+            pass
+        os._exit(1)
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    threading.Thread(target=watch, name="pagedllm-parent", daemon=True).start()

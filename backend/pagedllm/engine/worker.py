@@ -1,6 +1,6 @@
 """A tensor-parallel worker: rank r of N, started by the engine (parallel.Workers). It joins the process group,
 builds its shard of the model and cache (rank.build_rank, as rank 0 does), then runs the forward pass of every
-step rank 0 broadcasts, until rank 0 says stop. It dies with the engine's process (parent-death signal).
+step rank 0 broadcasts, until rank 0 says stop. It exits when the engine's process does (its stdin ends).
 
     python -m pagedllm.engine.worker --rank R --init tcp://127.0.0.1:PORT --config '{...EngineConfig...}'
 """
@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--init", required=True, help="the process group's rendezvous (tcp://host:port)")
     ap.add_argument("--config", required=True, help="the engine's settings (EngineConfig as JSON strings)")
     args = ap.parse_args(argv)
+    parallel.exit_when_parent_exits()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format=f"%(asctime)s pagedllm rank {args.rank}: %(message)s")
     config = EngineConfig.from_strings(json.loads(args.config))

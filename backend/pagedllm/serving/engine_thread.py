@@ -61,7 +61,9 @@ class EngineThread:
         self._stopping = True
         self._inbox.put(("stop", None))
         self._thread.join(timeout)
-        self.engine.close()
+        if self._thread.is_alive():  # stuck in a step (a collective that never completes): no stop message
+            log.warning("pagedllm: the engine thread did not stop within %.0f s", timeout)
+        self.engine.close(graceful=not self._thread.is_alive())
 
     def _handle(self, kind: str, arg) -> list[StepOutput]:
         if kind == "add":

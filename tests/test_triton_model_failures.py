@@ -378,3 +378,48 @@ def test_a_float_given_as_a_huge_json_integer_is_an_invalid_argument(key):
     inputs = {"input_ids": np.array([1, 2, 3], np.int64), "sampling_parameters": np.array([raw.encode()], np.object_)}
     with pytest.raises(InvalidRequest, match=f"sampling_parameters.{key}"):
         parse_request(inputs.get, {}, None, Limits(64, 512))
+
+
+def test_a_request_parsed_while_the_model_fails_is_answered_and_never_runs(model, monkeypatch):
+    """execute let it through before the failure; the intake thread finished parsing it after the failure had
+    swept the requests in flight. It used to be registered late, and nobody ever answered it."""
+    real_make_request = model.engine.make_request
+
+    def make_request_as_the_model_fails(*args, **kwargs):
+        model.responder.fatal("the engine failed (simulated)")
+        time.sleep(0.2)  # the sender thread has swept the requests in flight
+        return real_make_request(*args, **kwargs)
+
+    monkeypatch.setattr(model.engine, "make_request", make_request_as_the_model_fails)
+    s = FakeSender()
+    model.execute([FakeRequest(ids(max_tokens=500, ignore_eos=np.array([True])), s)])
+    wait_final(s)
+    assert s.finals == 1 and s.error.code == "UNAVAILABLE" and "engine failed" in s.error.message
+    assert blocks_all_free(model)  # the engine had it already: its first output aborted it
+
+
+def test_the_launcher_hears_of_a_failure_after_every_request_had_its_error(model):
+    """The launcher stops the server when the model reports a failure: the errors must be out by then, or a
+    client sees its connection cut instead of an answer."""
+    senders = [FakeSender() for _ in range(3)]
+    model.execute([FakeRequest(ids(max_tokens=500, ignore_eos=np.array([True]), stream=np.array([True])), s)
+                   for s in senders])
+    while not all(s.responses for s in senders):
+        time.sleep(0.01)
+    finals_when_reported = []
+
+    class Launcher:
+        grace_s, launcher_gone = 0.0, False
+
+        def report_fatal(self, reason):
+            finals_when_reported.append([s.finals for s in senders])
+
+        def poll(self, timeout=0.0):
+            time.sleep(timeout)
+
+    model._launcher = Launcher()
+    model._on_fatal("steps keep failing (simulated)")
+    wait_final(*senders)
+    assert finals_when_reported == [[1, 1, 1]]
+    assert all(s.error.code == "UNAVAILABLE" for s in senders)
+    assert blocks_all_free(model)

@@ -72,21 +72,24 @@ class Responder:
         self.refusal = self.refusal or SHUTTING_DOWN
         self._inbox.put(("drain", grace_s))
 
-    def fatal(self, reason: str) -> None:
-        """The engine can no longer serve: refuse new requests, end every request in flight with the reason."""
+    def fatal(self, reason: str, then: Callable[[], None] = lambda: None) -> None:
+        """The engine can no longer serve: refuse new requests, end every request in flight with the reason,
+        then call `then` (on this thread: after those errors went out)."""
         self.refusal = server_error(UNAVAILABLE, reason)
-        self._inbox.put(("fatal", self.refusal))
+        self._inbox.put(("fatal", (self.refusal, then)))
 
     def wait_idle(self, timeout: float) -> bool:
         """After drain(): wait until every open request got its final response."""
         return self._idle.wait(timeout)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        self._inbox.put(("stop", None))
+    def stop(self, final_error: str, timeout: float = 5.0) -> None:
+        """End the thread, after a final error to every request still open."""
+        self._inbox.put(("stop", final_error))
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("pagedllm: the sender thread did not stop within %.0f s", timeout)
 
-    def fail_all(self, message: str) -> None:
-        """After stop(): a final error to every request still open."""
+    def _fail_all(self, message: str) -> None:
         states, self.states = list(self.states.values()), {}
         for state in states:
             guarded(send_error, state.sender, message, pb_utils.TritonError.UNAVAILABLE)
@@ -100,6 +103,7 @@ class Responder:
             except queue.Empty:
                 kind, arg = None, None
             if kind == "stop":
+                self._fail_all(arg)
                 return
             # Nothing raised here may end this thread: every request in flight depends on it.
             guarded(self._handle, kind, arg)
@@ -111,8 +115,12 @@ class Responder:
 
     def _handle(self, kind, arg) -> None:
         if kind == "register":
-            self.states[arg[0]] = arg[1]
-            guarded(self.metrics.on_admitted, arg[2])
+            request_id, state, num_prompt_tokens = arg
+            if self.refusal:  # parsed while the drain or the failure began: refused, as it would be now
+                guarded(send_error, state.sender, self.refusal, pb_utils.TritonError.UNAVAILABLE)
+                return  # if the engine has it already, its first output aborts it (_deliver)
+            self.states[request_id] = state
+            guarded(self.metrics.on_admitted, num_prompt_tokens)
         elif kind == "stats":
             self.metrics.update(arg)
         elif kind == "outputs":
@@ -124,9 +132,11 @@ class Responder:
             deadline = time.monotonic() + arg
             self._drain_deadline = min(deadline, self._drain_deadline or deadline)
         elif kind == "fatal":
+            message, then = arg
             for request_id in list(self.states):
-                self._finish_with_error(request_id, arg, pb_utils.TritonError.UNAVAILABLE)
+                self._finish_with_error(request_id, message, pb_utils.TritonError.UNAVAILABLE)
                 self._abort(request_id)  # frees its blocks, if the engine thread still runs
+            then()
 
     def _poll(self) -> None:
         draining = self._drain_deadline is not None and time.monotonic() >= self._drain_deadline
@@ -149,7 +159,9 @@ class Responder:
 
     def _deliver(self, out: StepOutput) -> None:
         state = self.states.get(out.request_id)
-        if state is None:
+        if state is None:  # answered already (refused, failed): nobody waits for its tokens
+            if not out.finished:
+                self._abort(out.request_id)
             return
         now = time.monotonic()
         if out.new_token_ids:

@@ -270,6 +270,20 @@ def test_client_side_argument_checks():
         Client("localhost:1", protocol="websocket")
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"max_tokens": 2**32}, "max_tokens: 4294967296 is out of range for int32"),
+    ({"seed": -1}, "seed: -1 is out of range for uint64"),
+    ({"stop_token_ids": [2**63]}, "stop_token_ids: 9223372036854775808 is out of range for int64"),
+    ({"max_tokens": 2.5}, "max_tokens: expected an integer, got float"),
+])
+def test_an_option_its_tensor_cannot_hold_is_refused_not_wrapped(options, message):
+    """numpy would send 2**32 as INT32 0: the client names the option instead."""
+    with pytest.raises((ValueError, TypeError), match=message):
+        build_inputs("hi", options=GenerateOptions(**options))
+    with pytest.raises(ValueError, match="input_ids: 9223372036854775813 is out of range"):
+        build_inputs(input_ids=np.array([2**63 + 5], dtype=np.uint64))
+
+
 def test_unreachable_server_raises(client):
     other = Client("127.0.0.1:1", client.protocol)
     with pytest.raises(PagedLLMError) as info:

@@ -48,7 +48,18 @@ def _ids_array(name: str, ids: Any) -> np.ndarray:
         raise ValueError(f"{name}: expected a 1-D sequence of token ids, got shape {list(arr.shape)}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{name}: expected integers, got {arr.dtype}")
+    if arr.size:
+        _check_range(name, int(arr.min()), np.int64)
+        _check_range(name, int(arr.max()), np.int64)
     return arr.astype(np.int64)
+
+
+def _check_range(name: str, value: int, dtype: type) -> None:
+    """numpy would wrap a value its dtype cannot hold (2**32 as INT32 is 0): refuse it instead."""
+    bounds = np.iinfo(dtype)
+    if not bounds.min <= value <= bounds.max:
+        raise ValueError(f"{name}: {value} is out of range for {np.dtype(dtype).name} "
+                         f"({bounds.min} to {bounds.max})")
 
 
 def _embeds_array(embeds: Any) -> np.ndarray:
@@ -99,8 +110,10 @@ def _option_tensor(name: str, value: Any, dtype: type, many: bool) -> np.ndarray
         return _strings(value)
     if many:
         return _ids_array(name, value)
-    if np.issubdtype(dtype, np.unsignedinteger) and value < 0:
-        raise ValueError(f"{name}: expected a non-negative integer, got {value}")
+    if np.issubdtype(dtype, np.integer):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name}: expected an integer, got {type(value).__name__}")
+        _check_range(name, int(value), dtype)
     return np.array([value], dtype=dtype)
 
 

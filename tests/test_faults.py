@@ -34,6 +34,13 @@ def long_model(make_tiny) -> Path:
     return make_tiny("llama", seed=5, max_position=4096)
 
 
+@pytest.fixture(scope="module")
+def slower_model(make_tiny) -> Path:
+    """Wider and deeper (about 60 tokens/s a stream on 2 cores): streams outlast the test by far, even seen
+    from a client that lags behind the server."""
+    return make_tiny("llama", seed=5, max_position=4096, hidden_size=512, num_layers=8, intermediate_size=1536)
+
+
 class Serve:
     """`pagedllm serve` in a subprocess, and what a test checks about it."""
 
@@ -99,8 +106,8 @@ class Serve:
 def serve(long_model, tmp_path):
     started = []
 
-    def start(env: dict | None = None) -> Serve:
-        started.append(Serve(long_model, tmp_path / "cache", env))
+    def start(env: dict | None = None, model_dir: Path = long_model) -> Serve:
+        started.append(Serve(model_dir, tmp_path / "cache", env))
         return started[-1]
 
     yield start
@@ -112,18 +119,25 @@ class Streams:
     """Long streamed requests, one gRPC stream each (a client per request, as most clients do)."""
 
     def __init__(self, url: str, n: int, max_tokens: int = LONG):
+        self.url, self.max_tokens = url, max_tokens
         self.events: queue.Queue = queue.Queue()
         self.clients = []
-        for i in range(n):
-            client = grpcclient.InferenceServerClient(url)
+        self.tokens: list[int] = []
+        self.outcome: dict[int, str] = {}
+        self.open(n)
+
+    def open(self, n: int) -> None:
+        """n more streams."""
+        for i in range(len(self.clients), len(self.clients) + n):
+            client = grpcclient.InferenceServerClient(self.url)
             client.start_stream(callback=lambda result, error, i=i: self.events.put((i, result, error)))
             client.async_stream_infer("llm", infer_inputs({
-                "input_ids": np.arange(5, 25, dtype=np.int64) + i, "max_tokens": np.array([max_tokens], np.int32),
+                "input_ids": np.arange(5, 25, dtype=np.int64) + i,
+                "max_tokens": np.array([self.max_tokens], np.int32),
                 "ignore_eos": np.array([True]), "stream": np.array([True]),
                 "temperature": np.array([0.0], np.float32)}), enable_empty_final_response=True)
             self.clients.append(client)
-        self.tokens = [0] * n
-        self.outcome: dict[int, str] = {}
+            self.tokens.append(0)
 
     def wait_for_tokens(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -216,6 +230,62 @@ def test_sigkill_of_serve_still_answers_every_stream_and_leaves_nothing(serve):
         streams.close()
     assert len(outcome) == 2 and all("unavailable: the server is shutting down" in o for o in outcome.values()), \
         outcome
+    srv.assert_nothing_left(within=20)
+    assert not srv.ready()
+
+
+def two_instance_repository(tmp_path: Path) -> Path:
+    from pagedllm.server import project_model_repository
+
+    repo = tmp_path / "repo"
+    shutil.copytree(project_model_repository(), repo, ignore=shutil.ignore_patterns("__pycache__"))
+    config = repo / "llm" / "config.pbtxt"
+    config.write_text(config.read_text().replace("instance_group [ { count: 1 kind: KIND_MODEL } ]",
+                                                 "instance_group [ { count: 2 kind: KIND_CPU } ]"))
+    return repo
+
+
+def streams_on_both_instances(srv: Serve) -> Streams:
+    """Long streams until both instances serve some (Triton picks the instance); batches of several, so that
+    each step takes long enough for the streams to outlast the test."""
+    from test_instances import instance_tokens
+
+    streams = Streams(f"127.0.0.1:{srv.grpc}", 6)
+    for _ in range(3):
+        streams.wait_for_tokens()
+        busy = instance_tokens(f"http://127.0.0.1:{srv.metrics}/metrics")
+        if len(busy) == 2 and min(busy.values()) > 0:
+            while not streams.events.empty():
+                streams.collect(0)
+            assert not streams.outcome, f"streams ended before the test stopped the server: {streams.outcome}"
+            return streams
+        streams.open(4)
+    streams.close()
+    raise AssertionError(f"the streams all went to one instance: {busy}")
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_every_instance_drains(serve, slower_model, tmp_path, how):
+    """Each instance of the model holds its own streams: a stop (or the launcher's death) must drain them all,
+    not just the one that happened to read a message."""
+    srv = serve({"PAGEDLLM_MODEL_REPOSITORY": str(two_instance_repository(tmp_path))}, slower_model)
+    streams = streams_on_both_instances(srv)
+    try:
+        at_signal = list(streams.tokens)
+        start = time.monotonic()
+        srv.proc.send_signal(how)
+        outcome = streams.wait_for_outcomes(GRACE_S + 15)
+        took = time.monotonic() - start
+    finally:
+        streams.close()
+    # Every instance ends its streams at the grace period: one that missed the drain would run on until the
+    # launcher gave up waiting and stopped Triton.
+    assert len(outcome) == len(streams.clients) and all(
+        "unavailable: the server is shutting down" in o for o in outcome.values()), (
+        outcome, at_signal, streams.tokens)
+    assert took < GRACE_S + 2.5, took
+    if how == signal.SIGTERM:
+        assert exit_code(srv, 30) == 0
     srv.assert_nothing_left(within=20)
     assert not srv.ready()
 

@@ -12,7 +12,6 @@ this server's prefix removed.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import re
@@ -40,6 +39,7 @@ from .repository import prepare_model_repository
 _ERROR_LINE = re.compile(rb"E\d{4} |error: ")  # glog error lines and "error: creating server"
 _STUB_NAME = b"triton_python_backend_stub"
 _CONTROL_HEADER = "pagedllm-launcher-key"  # the repository API's key header (its value is per server)
+KILL_AFTER_S = 2.0  # a server that cannot serve: time to deliver the errors it holds, then SIGKILL
 EXIT_TIMEOUT_S = 5  # after the drain, how long tritonserver waits for open streams and unloads
 
 
@@ -68,13 +68,6 @@ def port_is_free(port: int, host: str = "0.0.0.0") -> bool:
         except OSError:
             return False
 
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the launching thread dies, so no server is orphaned."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _signal_and_wait(proc: subprocess.Popen, steps) -> None:
@@ -230,27 +223,39 @@ class TritonServer:
         if taken:  # else a server already there could answer our readiness probe
             raise LauncherError(f"port(s) {', '.join(map(str, taken))} already in use")
         self._log_handle = open(self.log_path, "ab")
-        self._lifeline = LauncherEnd()
+        echo_from = self._log_handle.tell()
+        self._lifeline = LauncherEnd(self.runtime_dir)
         self.process = subprocess.Popen(
             command, env={**self.env, **self._lifeline.child_env(self.shutdown_grace_s)},
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if self.echo else self._log_handle,
-            stderr=subprocess.STDOUT, pass_fds=self._lifeline.child_fds,
+            # Straight to the log file, echo or not: if the launcher dies, tritonserver's output (the drain it
+            # then goes through) is still written somewhere, and no write of it fails on a pipe nobody reads.
+            stdin=subprocess.DEVNULL, stdout=self._log_handle, stderr=subprocess.STDOUT,
+            pass_fds=self._lifeline.child_fds,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop the server in order
             # No parent-death signal: if the launcher dies, the llm model drains and then stops tritonserver
             # (lifeline.py); a signalled tritonserver would deliver no more responses.
         )
         self._lifeline.after_start()
         if self.echo:
-            self._tee = threading.Thread(target=self._copy_output, daemon=True)
+            self._tee = threading.Thread(target=self._copy_output, args=(echo_from,), daemon=True)
             self._tee.start()
         return self
 
-    def _copy_output(self) -> None:
-        for line in iter(self.process.stdout.readline, b""):
-            self._log_handle.write(line)
-            self._log_handle.flush()
-            sys.stdout.buffer.write(line)
-            sys.stdout.flush()
+    def _copy_output(self, offset: int) -> None:
+        """Echo the log from `offset` on, as tritonserver writes it, until it has exited."""
+        proc = self.process
+        with open(self.log_path, "rb") as log:
+            log.seek(offset)
+            while True:
+                exited = proc.poll() is not None  # before reading: what it wrote before exiting is read below
+                chunk = log.read(65536)
+                if chunk:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+                elif exited:
+                    return
+                else:
+                    time.sleep(0.05)
 
     def poll(self) -> int | None:
         return None if self.process is None else self.process.poll()
@@ -321,7 +326,8 @@ class TritonServer:
     def stop(self, kill: bool = False) -> int | None:
         """Drain (`llm` gives requests in flight shutdown_grace_s), SIGINT (Triton unloads the models and exits),
         then SIGKILL; whatever is left of the group (stubs) is killed and our shared-memory regions removed.
-        kill=True goes straight to SIGKILL (a stub is dead: its requests would never finish). Returns
+        kill=True skips the drain (the server cannot serve: a stub is dead, or the model failed and has answered
+        its requests) and gives tritonserver a moment to send the answers it holds before SIGKILL. Returns
         tritonserver's exit code."""
         proc, rc = self.process, None
         if proc is not None:
@@ -330,6 +336,8 @@ class TritonServer:
                 # Every request has had its answer: what may still hold tritonserver up is an idle stream that a
                 # client keeps open (it holds the unload to the exit timeout); past that, it is killed.
                 _signal_and_wait(proc, ((signal.SIGINT, self.exit_timeout_s + 2),))
+            elif proc.poll() is None:
+                _signal_and_wait(proc, ((signal.SIGINT, KILL_AFTER_S),))
             _kill_group(proc.pid)
             if proc.poll() is None:
                 proc.wait()
@@ -351,7 +359,7 @@ class TritonServer:
     def _drain(self) -> None:
         """Tell `llm` to drain and start unloading it (readiness is false from then on); wait until every
         instance said its requests all had their final response (at most the grace period and a little)."""
-        self._lifeline.drain(self.shutdown_grace_s)
+        self._lifeline.drain()
         if self._controls_models:
             request = urllib.request.Request(f"{self.http_url}/v2/repository/models/llm/unload", data=b"{}",
                                              method="POST", headers={_CONTROL_HEADER: self._control_key})

@@ -122,6 +122,7 @@ class TritonPythonModel:
         will). Exits the stub if tritonserver itself is gone, rather than live on as an orphan holding memory
         and shared-memory regions that nothing can reach."""
         parent = os.getppid()
+        stopped_server = False
         while not self._stopping.is_set():
             try:
                 grace = self._launcher.poll(1.0)
@@ -133,16 +134,19 @@ class TritonPythonModel:
                 self.responder.drain(grace)
                 self.responder.wait_idle(grace + 2.0)
                 self._launcher.report_idle()
-                if self._launcher.launcher_gone:
-                    log.warning("pagedllm: the launcher is gone; stopping tritonserver")
-                    os.kill(parent, signal.SIGINT)
+            if self._launcher.launcher_gone and not stopped_server:  # drained above: the lifeline's end drains
+                if not self._launcher.wait_for_every_instance(self._launcher.grace_s + 3.0):
+                    log.warning("pagedllm: another instance is still draining; stopping anyway")
+                log.warning("pagedllm: the launcher is gone; stopping tritonserver")
+                os.kill(parent, signal.SIGINT)
+                stopped_server = True
             if os.getppid() != parent:
                 _exit_orphaned()
 
     def _on_fatal(self, reason: str) -> None:
         log.error("pagedllm: the model cannot serve any more: %s", reason)
-        self.responder.fatal(reason)
-        self._launcher.report_fatal(reason)
+        # The launcher stops the server once told: first every request in flight gets its error.
+        self.responder.fatal(reason, then=lambda: self._launcher.report_fatal(reason))
 
     def finalize(self):
         """Triton unloads the model once every request had its final response (it waits for streams). An unload
@@ -156,8 +160,7 @@ class TritonPythonModel:
             log.warning("pagedllm: requests still open after the grace period")
         self._intake.shutdown(wait=True, cancel_futures=False)
         self.engine_thread.stop()
-        self.responder.stop()
-        self.responder.fail_all(server_error(UNAVAILABLE, "the model is being unloaded"))
+        self.responder.stop(final_error=server_error(UNAVAILABLE, "the model is being unloaded"))
 
 
 @dataclass

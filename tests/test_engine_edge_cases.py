@@ -102,6 +102,20 @@ def test_a_quantized_checkpoint_is_refused_by_name(tiny_llama_dir, tmp_path):
         load_model_spec(d)
 
 
+def test_the_served_length_is_the_configured_one_within_the_sliding_window(tiny_llama_dir):
+    """One rule, used by the engine and the OpenAI front end alike."""
+    import dataclasses
+
+    from pagedllm.model.spec import load_model_spec
+
+    spec = load_model_spec(tiny_llama_dir)
+    assert spec.model_length() == spec.max_position_embeddings == 512
+    assert spec.model_length(100) == 100
+    windowed = dataclasses.replace(spec, sliding_window=64)
+    assert windowed.model_length() == windowed.model_length(100) == 64
+    assert windowed.model_length(32) == 32
+
+
 @pytest.mark.parametrize("setting", [{"max_num_seqs": 0}, {"max_num_batched_tokens": 0},
                                      {"kv_cache_memory_fraction": 0.0}, {"num_kv_blocks": -1}])
 def test_settings_that_could_never_schedule_are_refused_at_load(tiny_llama_dir, setting):

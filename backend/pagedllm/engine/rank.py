@@ -58,14 +58,6 @@ def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None 
     return dtypes[name]
 
 
-def model_length(config: EngineConfig, spec: ModelSpec) -> int:
-    """The longest sequence the model takes, before the cache bounds it too."""
-    max_model_len = config.max_model_len or spec.max_position_embeddings
-    if spec.sliding_window:  # we attend to the whole context: stay within the window
-        max_model_len = min(max_model_len, spec.sliding_window)
-    return max_model_len
-
-
 def build_rank(config: EngineConfig, spec: ModelSpec, rank: int, distributed: Distributed | None = None
                ) -> RankModel:
     """This rank's model and cache. With tensor parallelism the process group must exist already."""
@@ -74,7 +66,7 @@ def build_rank(config: EngineConfig, spec: ModelSpec, rank: int, distributed: Di
     dtype = resolve_dtype(config.dtype, device, spec.torch_dtype)
     ops = get_ops(config.kernels if config.kernels != "auto" else ("triton" if device.type == "cuda" else "torch"))
     shard = Shard(rank, world)
-    max_model_len = model_length(config, spec)
+    max_model_len = spec.model_length(config.max_model_len)
     model, weight_bytes = _load_model(config, spec, device, dtype, ops, shard, max_model_len)
     bs = config.block_size
     if bs < 16 or bs & (bs - 1):

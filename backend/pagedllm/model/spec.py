@@ -41,6 +41,12 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...]
     torch_dtype: str | None
 
+    def model_length(self, max_model_len: int = 0) -> int:
+        """The longest sequence served (before the KV cache bounds it too): the configured max_model_len
+        (0: the checkpoint's), within the sliding window, since we attend to the whole context."""
+        length = max_model_len if max_model_len > 0 else self.max_position_embeddings
+        return min(length, self.sliding_window) if self.sliding_window else length
+
 
 def _read_json_object(path: Path) -> dict:
     try:

@@ -53,13 +53,10 @@ def add_arguments(p: argparse.ArgumentParser, standalone: bool = True) -> None:
 
 
 def model_facts(model_dir: str | Path, max_model_len: int = 0) -> ModelFacts:
-    """The served model's facts; its length as the engine takes it (engine/rank.py's model_length): the
-    configured max_model_len, else the checkpoint's, within a sliding window."""
+    """The served model's facts; its length as the engine takes it."""
     spec = load_model_spec(model_dir)
-    max_rows = max_model_len if max_model_len > 0 else spec.max_position_embeddings
-    if spec.sliding_window:
-        max_rows = min(max_rows, spec.sliding_window)
-    return ModelFacts(hidden_size=spec.hidden_size, max_rows=max_rows, tokenizer=load_tokenizer(model_dir))
+    return ModelFacts(hidden_size=spec.hidden_size, max_rows=spec.model_length(max_model_len),
+                      tokenizer=load_tokenizer(model_dir))
 
 
 def default_max_request_bytes(facts: ModelFacts) -> int:

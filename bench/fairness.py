@@ -22,6 +22,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT / "client"), str(ROOT / "tests")]
+from pagedllm.cli import default_model_dir  # noqa: E402
 from pagedllm.config import EngineConfig  # noqa: E402
 from pagedllm_client import Client  # noqa: E402
 
@@ -100,12 +101,7 @@ def main() -> int:
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()
 
-    if args.model:
-        model_dir = Path(args.model)
-    else:
-        from pagedllm.cli import default_model_dir
-
-        model_dir = default_model_dir()
+    model_dir = Path(args.model) if args.model else default_model_dir()
     overrides = EngineConfig.from_strings(dict(kv.split("=", 1) for kv in args.engine))
     engine = {k: v for k, v in vars(overrides).items() if k != "model_dir" and v != getattr(EngineConfig(), k)}
     print(f"server: {model_dir}, engine overrides {engine or 'none'}, {args.streams} streams, "

@@ -26,6 +26,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT / "client"), str(ROOT / "tests")]
+from pagedllm.cli import default_model_dir  # noqa: E402
 from pagedllm.config import EngineConfig  # noqa: E402
 from pagedllm_client import AsyncClient  # noqa: E402
 
@@ -120,12 +121,7 @@ def main() -> int:
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()
 
-    if args.model:
-        model_dir = Path(args.model)
-    else:
-        from pagedllm.cli import default_model_dir
-
-        model_dir = default_model_dir()
+    model_dir = Path(args.model) if args.model else default_model_dir()
     rng = random.Random(0)
     prompts = [[rng.randrange(4, 500) for _ in range(args.prompt_len)] for _ in range(args.requests)]
     run_dir = Path(tempfile.mkdtemp(prefix="bench-openai-"))

@@ -2,6 +2,7 @@
 with the Python backend (proved with a throwaway echo model written by the test, independent of the engine)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -220,6 +221,41 @@ def test_server_load_failure_raises_with_log(start_server, tiny_llama_dir, echo_
             pass
 
 
+class Foreground:
+    """A `pagedllm` command run in the foreground, read until it says it is ready; `stop()` sends SIGTERM and
+    returns the rest of what it printed once it has exited."""
+
+    def __init__(self, args: list[str], env: dict):
+        self.proc = subprocess.Popen([sys.executable, "-m", "pagedllm.cli", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: list[str] = []
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if "Ctrl-C stops the server" in line:
+                break
+
+    def printed(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        return self.proc.communicate(timeout=60)[0]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextlib.contextmanager
+def foreground(args: list[str], env: dict):
+    run = Foreground(args, env)
+    try:
+        yield run
+    finally:
+        run.kill()
+
+
 def test_serve_cli_foreground(tmp_path, tiny_llama_dir, echo_repository):
     """`pagedllm serve` prints the URLs (the OpenAI API's too) when ready, passes the front end its flags, and
     stops the server cleanly on SIGTERM."""
@@ -227,36 +263,21 @@ def test_serve_cli_foreground(tmp_path, tiny_llama_dir, echo_repository):
 
     http, grpc, metrics, openai_port = free_ports(4)
     env = {**cli_env(tmp_path), "PAGEDLLM_MODEL_REPOSITORY": str(echo_repository)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pagedllm.cli", "serve", "--model", str(tiny_llama_dir), "--http-port", str(http),
-         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--num-kv-blocks", "8",
-         "--openai-port", str(openai_port), "--max-request-bytes", "4096", "--max-model-len", "256"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "Ctrl-C stops the server" in line:
-                break
-        assert any(f"http://0.0.0.0:{http}" in ln for ln in lines), "".join(lines[-30:])
-        assert any(f"http://0.0.0.0:{openai_port}/v1" in ln for ln in lines), "".join(lines[-30:])
+    with foreground(["serve", "--model", str(tiny_llama_dir), "--http-port", str(http), "--grpc-port", str(grpc),
+                     "--metrics-port", str(metrics), "--num-kv-blocks", "8", "--openai-port", str(openai_port),
+                     "--max-request-bytes", "4096", "--max-model-len", "256"], env) as serve:
+        assert f"http://0.0.0.0:{http}" in serve.printed(), serve.printed()
+        assert f"http://0.0.0.0:{openai_port}/v1" in serve.printed(), serve.printed()
         assert requests.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=10).status_code == 200
         too_big = requests.post(f"http://127.0.0.1:{openai_port}/v1/completions", data=b" " * 4097, timeout=10)
         assert too_big.status_code == 413 and "4096" in too_big.json()["error"]["message"]
         models = requests.get(f"http://127.0.0.1:{openai_port}/v1/models", timeout=10).json()["data"]
         assert models[0]["max_model_len"] == 256  # the served length, not the checkpoint's 512
-        proc.terminate()
-        rest = proc.communicate(timeout=60)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, rest
+        rest = serve.stop()
+    assert serve.proc.returncode == 0, rest
     assert "successfully unloaded 'echo'" in rest
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=5)
-
 
 
 def test_the_front_end_is_told_the_served_model_length(tmp_path, tiny_llama_dir):
@@ -375,25 +396,13 @@ def test_started_the_way_tritons_helm_chart_starts_a_container(tmp_path, tiny_ll
     from server_utils import free_ports
 
     http, grpc, metrics = free_ports(3)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pagedllm.cli", "tritonserver", f"--model-repository={echo_repository}",
-         f"--http-port={http}", "--grpc-port", str(grpc), f"--metrics-port={metrics}", "--log-info=true"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env(tmp_path))
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "Ctrl-C stops the server" in line:
-                break
+    with foreground(["tritonserver", f"--model-repository={echo_repository}", f"--http-port={http}",
+                     "--grpc-port", str(grpc), f"--metrics-port={metrics}", "--log-info=true"],
+                    cli_env(tmp_path)) as serve:
         assert requests.get(f"http://127.0.0.1:{http}/v2/models/echo/ready", timeout=10).status_code == 200, \
-            "".join(lines[-30:])
-        proc.terminate()
-        rest = proc.communicate(timeout=60)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, rest
+            serve.printed()
+        rest = serve.stop()
+    assert serve.proc.returncode == 0, rest
     assert "successfully unloaded 'echo'" in rest
 
 

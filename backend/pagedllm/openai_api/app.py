@@ -148,56 +148,61 @@ class _State:
                                 created: int):
         choices = {g.index: Choice(g.index, echo=echoes[g.index]) for g in gens}
         offsets = {g.index: len(echoes[g.index]) for g in gens}  # the next token's text_offset
-        opts = req.stream_options
         head = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
-        async for index, chunk in _in_stream_errors(chunks):
-            if isinstance(chunk, APIError):
-                yield sse(chunk.body())
-                break
+
+        def event_choice(index: int, chunk) -> dict | None:
             c = choices[index]
-            echo = "" if c.text else c.echo  # sent with the choice's first chunk
-            c.add(chunk)
-            text = echo + chunk.text
+            text = ("" if c.text else c.echo) + chunk.text  # the echo goes with the choice's first chunk
             if not text and not chunk.finish_reason and not chunk.logprobs:
-                continue
+                return None
             lp = None
             if req.logprobs is not None:  # offsets as in the whole answer: the echo, then each token's text
                 lp = self.completion_logprobs(chunk.token_ids, chunk.logprobs or [], offsets[index])
                 offsets[index] += sum(len(t) for t in lp["tokens"])
-            event = {**head, "choices": [{"index": index, "text": text, "logprobs": lp,
-                                          "finish_reason": chunk.finish_reason}]}
-            if opts and opts.continuous_usage_stats:
-                event["usage"] = usage(list(choices.values()), req.n)
-            yield sse(event)
-        else:
-            if opts and opts.include_usage:
-                yield sse({**head, "choices": [], "usage": usage(list(choices.values()), req.n)})
-        yield "data: [DONE]\n\n"
+            return {"index": index, "text": text, "logprobs": lp, "finish_reason": chunk.finish_reason}
+
+        async for event in _stream_events(req, head, choices, chunks, event_choice):
+            yield event
 
     async def chat_events(self, req: ChatCompletionRequest, gens, chunks, rid: str, created: int):
         choices = {g.index: Choice(g.index) for g in gens}
-        opts = req.stream_options
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
         for g in gens:  # OpenAI's first delta of each choice carries the role
             yield sse({**head, "choices": [{"index": g.index, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]})
-        async for index, chunk in _in_stream_errors(chunks):
-            if isinstance(chunk, APIError):
-                yield sse(chunk.body())
-                break
-            choices[index].add(chunk)
+
+        def event_choice(index: int, chunk) -> dict | None:
             if not chunk.text and not chunk.finish_reason and not chunk.logprobs:
-                continue
+                return None
             lp = self.chat_logprobs(chunk.token_ids, chunk.logprobs or []) if req.logprobs else None
-            event = {**head, "choices": [{"index": index, "delta": {"content": chunk.text} if chunk.text else {},
-                                          "logprobs": lp, "finish_reason": chunk.finish_reason}]}
-            if opts and opts.continuous_usage_stats:
-                event["usage"] = usage(list(choices.values()), req.n)
-            yield sse(event)
-        else:
-            if opts and opts.include_usage:
-                yield sse({**head, "choices": [], "usage": usage(list(choices.values()), req.n)})
-        yield "data: [DONE]\n\n"
+            return {"index": index, "delta": {"content": chunk.text} if chunk.text else {}, "logprobs": lp,
+                    "finish_reason": chunk.finish_reason}
+
+        async for event in _stream_events(req, head, choices, chunks, event_choice):
+            yield event
+
+
+async def _stream_events(req, head: dict, choices: dict[int, Choice], chunks, event_choice):
+    """A stream's SSE events: one for each chunk that says something (`event_choice` makes its choice, or
+    None; it sees the choice before the chunk is added), usage as stream_options ask, an error event if the
+    stream failed after it started, and [DONE]."""
+    opts = req.stream_options
+    async for index, chunk in _in_stream_errors(chunks):
+        if isinstance(chunk, APIError):
+            yield sse(chunk.body())
+            break
+        choice = event_choice(index, chunk)
+        choices[index].add(chunk)
+        if choice is None:
+            continue
+        event = {**head, "choices": [choice]}
+        if opts and opts.continuous_usage_stats:
+            event["usage"] = usage(list(choices.values()), req.n)
+        yield sse(event)
+    else:
+        if opts and opts.include_usage:
+            yield sse({**head, "choices": [], "usage": usage(list(choices.values()), req.n)})
+    yield "data: [DONE]\n\n"
 
 
 async def _in_stream_errors(chunks):

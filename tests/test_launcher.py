@@ -225,13 +225,16 @@ class Foreground:
     """A `pagedllm` command run in the foreground, read until it says it is ready; `stop()` sends SIGTERM and
     returns the rest of what it printed once it has exited."""
 
-    def __init__(self, args: list[str], env: dict):
+    def __init__(self, args: list[str], env: dict, new_session: bool = False):
         self.proc = subprocess.Popen([sys.executable, "-m", "pagedllm.cli", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=env)
+                                     stderr=subprocess.STDOUT, text=True, env=env, start_new_session=new_session)
         self.lines: list[str] = []
+        self.read_until("Ctrl-C stops the server")
+
+    def read_until(self, text: str) -> None:
         for line in self.proc.stdout:
             self.lines.append(line)
-            if "Ctrl-C stops the server" in line:
+            if text in line:
                 break
 
     def printed(self) -> str:
@@ -248,8 +251,8 @@ class Foreground:
 
 
 @contextlib.contextmanager
-def foreground(args: list[str], env: dict):
-    run = Foreground(args, env)
+def foreground(args: list[str], env: dict, new_session: bool = False):
+    run = Foreground(args, env, new_session)
     try:
         yield run
     finally:
@@ -319,31 +322,17 @@ def test_a_second_ctrl_c_does_not_cut_the_stop_short(tmp_path, tiny_llama_dir, e
                      + "\n    def finalize(self):\n        time.sleep(3)\n")
     http, grpc, metrics, openai_port = free_ports(4)
     env = {**cli_env(tmp_path), "PAGEDLLM_MODEL_REPOSITORY": str(echo_repository)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pagedllm.cli", "serve", "--model", str(tiny_llama_dir), "--http-port", str(http),
-         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--openai-port", str(openai_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "Ctrl-C stops the server" in line:
-                break
-        shm_prefix = f"pagedllm{proc.pid}-"
-        assert [n for n in os.listdir("/dev/shm") if n.startswith(shm_prefix)], "".join(lines[-30:])
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: serve and the front end get it
-        for line in proc.stdout:
-            lines.append(line)
-            if "stopping the server" in line:
-                break
+    with foreground(["serve", "--model", str(tiny_llama_dir), "--http-port", str(http), "--grpc-port", str(grpc),
+                     "--metrics-port", str(metrics), "--openai-port", str(openai_port)], env,
+                    new_session=True) as serve:
+        shm_prefix = f"pagedllm{serve.proc.pid}-"
+        assert [n for n in os.listdir("/dev/shm") if n.startswith(shm_prefix)], serve.printed()
+        os.killpg(serve.proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: serve and the front end get it
+        serve.read_until("stopping the server")
         time.sleep(0.5)  # into the stop: tritonserver is unloading the slow model
-        os.killpg(proc.pid, signal.SIGINT)
-        rest = proc.communicate(timeout=60)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, rest
+        os.killpg(serve.proc.pid, signal.SIGINT)
+        rest = serve.proc.communicate(timeout=60)[0]
+    assert serve.proc.returncode == 0, rest
     assert "successfully unloaded 'echo'" in rest and "Traceback" not in rest, rest
     assert not processes_under(tmp_path), processes_under(tmp_path)  # tritonserver and its stub
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(shm_prefix)]
@@ -456,24 +445,11 @@ def test_a_repository_whose_model_dir_is_a_repo_id_gets_its_openai_front_end(tmp
     config.write_text(set_parameters(config.read_text(), {"model_dir": "example/tiny-llama", "device": "cpu",
                                                           "num_kv_blocks": "64"}))
     http, grpc, metrics, openai_port = free_ports(4)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pagedllm.cli", "serve", "--model-repository", str(repo), "--http-port", str(http),
-         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--openai-port", str(openai_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "Ctrl-C stops the server" in line:
-                break
-        assert any(f"serving {snapshot}" in ln for ln in lines), "".join(lines[-30:])
+    with foreground(["serve", "--model-repository", str(repo), "--http-port", str(http), "--grpc-port", str(grpc),
+                     "--metrics-port", str(metrics), "--openai-port", str(openai_port)], env) as serve:
+        assert f"serving {snapshot}" in serve.printed(), serve.printed()
         r = requests.post(f"http://127.0.0.1:{openai_port}/v1/completions", timeout=60, json={
             "model": "example/tiny-llama", "prompt": "Hello", "max_tokens": 3})  # named as given
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
-        proc.terminate()
-        rest = proc.communicate(timeout=60)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, rest
+        rest = serve.stop()
+    assert serve.proc.returncode == 0, rest

@@ -71,6 +71,16 @@ def test_each_rank_holds_its_share(tp_engine):
     assert model.layers[0].o_weight.shape[1] == spec.num_heads // 2 * spec.head_dim
 
 
+def test_ranks_exit_cleanly_when_the_engine_closes(make_tiny):
+    """Told to stop, a worker exits 0 (its watch on the engine's process must not abort the interpreter's
+    shutdown)."""
+    engine = make_engine(str(make_tiny("llama", seed=7, num_heads=4, num_kv_heads=2, hidden_size=64)),
+                         tensor_parallel_size=2, num_kv_blocks=12)
+    procs = list(engine.workers.procs)
+    engine.close()
+    assert [p.returncode for p in procs] == [0]
+
+
 def test_a_killed_rank_gives_errors_not_a_hang(tp_engine):
     """(Last of the module's tests for an engine: it kills the engine's worker.)"""
     from pagedllm.serving.engine_thread import EngineThread

@@ -154,7 +154,9 @@ def exit_when_parent_exits() -> None:
     """In a worker: end this process when the engine's ends (its stdin, our pipe, reaches end-of-file)."""
     def watch() -> None:
         try:
-            while sys.stdin.buffer.read(4096):
+            # The file descriptor, not sys.stdin: a daemon thread blocked inside a buffered reader holds its
+            # lock, and the interpreter aborts on it when the worker exits normally.
+            while os.read(0, 4096):
                 pass
         except OSError:
             pass

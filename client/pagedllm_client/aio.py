@@ -14,7 +14,7 @@ import grpc
 import tritonclient.grpc.aio as grpcclient_aio
 from tritonclient.utils import InferenceServerException
 
-from .client import ClientBase
+from .client import ClientBase, StreamBase
 from .grpc_transport import infer_inputs
 from .options import GenerateOptions
 from .protocol import GrpcResponses, SseResponses, WholeResponse, grpc_error, http_error, io_error
@@ -100,15 +100,13 @@ class AioHttpCall:
             self._response.release()
 
 
-class AsyncChunkStream:
+class AsyncChunkStream(StreamBase):
     """Async iterator over a streaming request's Chunks; the request starts at the first `__anext__`.
     Leaving early (break, aclose(), `async with` exit, garbage collection) cancels it on the server."""
 
     def __init__(self, open_call, with_logprobs: bool):
         self._open_call = open_call  # coroutine function returning a call
         self._with_logprobs = with_logprobs
-        self._call = None
-        self._closed = False
 
     def __aiter__(self) -> "AsyncChunkStream":
         return self
@@ -128,12 +126,6 @@ class AsyncChunkStream:
             raise StopAsyncIteration
         return to_chunk(out, self._with_logprobs)
 
-    def close(self) -> None:
-        self._closed = True
-        call, self._call = self._call, None
-        if call is not None:
-            call.close()
-
     async def aclose(self) -> None:
         self.close()
 
@@ -142,12 +134,6 @@ class AsyncChunkStream:
 
     async def __aexit__(self, *exc) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 class AsyncClient(ClientBase):

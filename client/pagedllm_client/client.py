@@ -41,7 +41,27 @@ class ClientBase:
         return inputs, bool(options.return_logprobs)
 
 
-class ChunkStream:
+class StreamBase:
+    """What a stream of either kind does with its call: close it once (which cancels the request on the
+    server if it is still running), also when the stream is garbage-collected."""
+
+    _call = None
+    _closed = False
+
+    def close(self) -> None:
+        self._closed = True
+        call, self._call = self._call, None
+        if call is not None:
+            call.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class ChunkStream(StreamBase):
     """Iterator over a streaming request's Chunks. Leaving it early (break, close(), a `with` block's end,
     or garbage collection) cancels the request on the server."""
 
@@ -65,22 +85,11 @@ class ChunkStream:
             raise StopIteration
         return to_chunk(out, self._with_logprobs)
 
-    def close(self) -> None:
-        call, self._call = self._call, None
-        if call is not None:
-            call.close()
-
     def __enter__(self) -> "ChunkStream":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 class Client(ClientBase):

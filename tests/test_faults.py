@@ -316,11 +316,14 @@ from pagedllm.serving.triton_model import TritonPythonModel as Base
 class TritonPythonModel(Base):
     def initialize(self, args):
         super().initialize(args)
+        if os.environ.get("PAGEDLLM_TEST_FAULT_INSTANCE", args["model_instance_name"]) != args["model_instance_name"]:
+            return
         real_step, steps = self.engine.step, [0]
+        after = int(os.environ.get("PAGEDLLM_TEST_FAULT_AFTER", "20"))
 
         def step():
             steps[0] += 1
-            if steps[0] > 20:
+            if steps[0] > after:
                 if os.environ["PAGEDLLM_TEST_FAULT"] == "thread":
                     raise SystemExit("the engine thread dies (simulated)")
                 raise RuntimeError("this step fails (simulated)")
@@ -354,3 +357,23 @@ def test_an_engine_that_cannot_serve_ends_requests_and_serve_exits(serve, tmp_pa
     assert words in "".join(srv.lines)  # the log says why
     assert not srv.ready()
     srv.assert_nothing_left()
+
+
+def test_when_one_instance_fails_the_others_drain(serve, slower_model, tmp_path):
+    """One instance of two cannot serve any more: its requests get its error, the other instance's requests
+    get the grace period and a final answer (not a cut connection), and serve exits for a restart."""
+    repo = two_instance_repository(tmp_path)
+    (repo / "llm" / "1" / "model.py").write_text(textwrap.dedent(FAULTY_MODEL))
+    srv = serve({"PAGEDLLM_MODEL_REPOSITORY": str(repo), "PAGEDLLM_TEST_FAULT": "thread",
+                 "PAGEDLLM_TEST_FAULT_INSTANCE": "llm_0_0", "PAGEDLLM_TEST_FAULT_AFTER": "1200"}, slower_model)
+    streams = streams_on_both_instances(srv)
+    try:
+        outcome = streams.wait_for_outcomes(60)
+    finally:
+        streams.close()
+    assert len(outcome) == len(streams.clients) and all(o.startswith("error") for o in outcome.values()), outcome
+    drained = [o for o in outcome.values() if "the server is shutting down" in o]
+    assert drained and len(drained) < len(outcome), outcome  # the healthy instance's, and the failed one's
+    assert exit_code(srv, 30) == 3
+    assert not srv.ready()
+    srv.assert_nothing_left(within=20)

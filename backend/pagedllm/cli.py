@@ -252,8 +252,8 @@ def _supervise(server, frontend, stop: dict) -> int:
     while True:
         trouble = server.trouble()
         if trouble:
-            # Its requests were answered already (the model ended them), or never will be (a dead stub): no
-            # drain; readiness goes false as the server goes, and the orchestrator starts a fresh one.
+            # The failed instance's requests were answered already, or never will be (a dead stub); the other
+            # instances drain theirs, then the server goes and the orchestrator starts a fresh one.
             stop["kill"] = True
             return _fail(f"{trouble}; stopping (exit 3, to be restarted)", 3)
         if server.poll() is not None:

@@ -326,17 +326,19 @@ class TritonServer:
     def stop(self, kill: bool = False) -> int | None:
         """Drain (`llm` gives requests in flight shutdown_grace_s), SIGINT (Triton unloads the models and exits),
         then SIGKILL; whatever is left of the group (stubs) is killed and our shared-memory regions removed.
-        kill=True skips the drain (the server cannot serve: a stub is dead, or the model failed and has answered
-        its requests) and gives tritonserver a moment to send the answers it holds before SIGKILL. Returns
+        kill=True is for a server that cannot serve (a stub is dead, or an instance failed and has answered its
+        requests): the instances still alive drain all the same, but the unload is not waited for (a dead stub
+        may hold it up) and tritonserver gets only a moment to send the answers it holds before SIGKILL. Returns
         tritonserver's exit code."""
         proc, rc = self.process, None
         if proc is not None:
             if proc.poll() is None and not kill:
-                self._drain()
+                self._drain(unload_timeout=10.0)
                 # Every request has had its answer: what may still hold tritonserver up is an idle stream that a
                 # client keeps open (it holds the unload to the exit timeout); past that, it is killed.
                 _signal_and_wait(proc, ((signal.SIGINT, self.exit_timeout_s + 2),))
             elif proc.poll() is None:
+                self._drain(unload_timeout=KILL_AFTER_S)
                 _signal_and_wait(proc, ((signal.SIGINT, KILL_AFTER_S),))
             _kill_group(proc.pid)
             if proc.poll() is None:
@@ -356,15 +358,16 @@ class TritonServer:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)  # kept after a failure, for its log
         return rc
 
-    def _drain(self) -> None:
-        """Tell `llm` to drain and start unloading it (readiness is false from then on); wait until every
-        instance said its requests all had their final response (at most the grace period and a little)."""
+    def _drain(self, unload_timeout: float) -> None:
+        """Tell every `llm` instance to drain and start unloading the model (readiness is false from then on);
+        wait until every live instance said its requests all had their final response (at most the grace
+        period and a little)."""
         self._lifeline.drain()
         if self._controls_models:
             request = urllib.request.Request(f"{self.http_url}/v2/repository/models/llm/unload", data=b"{}",
                                              method="POST", headers={_CONTROL_HEADER: self._control_key})
             try:
-                urllib.request.urlopen(request, timeout=10).close()
+                urllib.request.urlopen(request, timeout=unload_timeout).close()
             except (urllib.error.URLError, OSError):  # no llm in this repository, or the server is failing
                 pass
         instances = sum(b"/llm/" in cmd for pid, cmd in _group_members(self.process.pid) if _STUB_NAME in cmd)

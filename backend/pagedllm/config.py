@@ -22,8 +22,9 @@ class EngineConfig:
     max_model_len: int = 0  # 0: the checkpoint's max_position_embeddings
     max_num_batched_tokens: int = 2048  # tokens in one forward pass (prefill is chunked to fit)
     # While streams decode, prefill chunks take at most this many tokens a step, so that long prompts arriving
-    # do not stretch the gap between their tokens. -1: auto (64 on CPU, where a step's time grows with every
-    # token; on CUDA no bound beyond max_num_batched_tokens, as vLLM); 0: no bound.
+    # do not stretch the gap between their tokens. -1: auto (on CPU, where a step's time grows with every token,
+    # engine.CPU_PREFILL_TOKENS_WHILE_DECODING; on CUDA no bound beyond max_num_batched_tokens, as vLLM);
+    # 0: no bound.
     max_prefill_tokens_while_decoding: int = -1
     enable_prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix that an earlier request computed
     # Decode steps padded to a ladder of batch sizes over buffers made once, and on CUDA replayed as CUDA graphs

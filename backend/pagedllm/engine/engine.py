@@ -30,7 +30,7 @@ log = logging.getLogger("pagedllm")
 
 # On CPU a step's time grows with its tokens: this bound keeps the running streams' inter-token gap within
 # about 3x of a decode-only step while long prompts prefill (bench/fairness.py, bench/RESULTS.md).
-CPU_PREFILL_TOKENS_WHILE_DECODING = 64
+CPU_PREFILL_TOKENS_WHILE_DECODING = 32  # 48 measured 2.7-2.9x, 64 1.8-3.7x: 32 (2.0-2.2x) leaves a margin
 
 
 def _check_config(config: EngineConfig) -> None:

@@ -81,3 +81,20 @@ def test_without_a_launcher_the_model_does_without():
     m = ModelEnd({})
     assert m.poll(0.01) is None and not m.launcher_gone
     m.report_idle()  # nothing to write to: no error
+
+
+def test_an_instance_that_stopped_watching_holds_no_other_up(launcher):
+    """Its pipes could not be read: it watches them no more, keeps its status pipe, and releases the drain
+    lock, so that the instance stopping tritonserver does not wait the whole timeout for it."""
+    end, (first, broken, last) = launcher
+    broken.stop_watching()
+    assert broken.poll(0.05) is None
+    end.close()  # the launcher dies
+    for m in (first, last):
+        assert m.poll(1.0) == 2.5
+        m.poll(0.5)
+        assert m.launcher_gone
+    last.wait_for_every_instance(0)  # drained: its share of the lock released
+    start = time.monotonic()
+    assert first.wait_for_every_instance(timeout=5)
+    assert time.monotonic() - start < 1

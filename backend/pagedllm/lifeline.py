@@ -136,6 +136,13 @@ class ModelEnd:
                 return self.grace_s
         return None
 
+    def stop_watching(self) -> None:
+        """After the pipes could not be read: watch them no more (the status pipe stays, to report on), and
+        release the drain lock, so that no other instance waits for this one."""
+        self._drain = _close(self._drain)
+        self._lifeline = _close(self._lifeline)
+        self._lock = _close(self._lock)
+
     def wait_for_every_instance(self, timeout: float) -> bool:
         """After this instance's drain: until every instance of the model has drained too (or timeout), so
         that stopping tritonserver cuts none of their last responses short."""

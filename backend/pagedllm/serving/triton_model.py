@@ -128,7 +128,8 @@ class TritonPythonModel:
                 grace = self._launcher.poll(1.0)
             except Exception:
                 log.exception("pagedllm: reading the lifeline failed")
-                grace, self._launcher = None, ModelEnd({})  # go on without it
+                grace = None
+                self._launcher.stop_watching()  # go on without it
             if grace is not None:
                 log.info("pagedllm: draining: new requests are refused, those in flight have %.1f s", grace)
                 self.responder.drain(grace)

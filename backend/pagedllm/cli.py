@@ -214,10 +214,15 @@ def serve(args, triton_args: list[str] = ()) -> int:
         return _fail(str(e))
     frontend = _openai_frontend(args, server, model_dir, port)
 
-    def on_sigterm(signum, frame):  # docker stop / kill: leave through the same path as Ctrl-C
+    def on_stop_signal(signum, frame):  # Ctrl-C, docker stop, kill: one way out, and one only
+        # The stop in `finally` is not to be cut short: a second signal would skip killing what is left of the
+        # server's processes, removing its shared memory and stopping the front end. It is bounded.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    on_sigint = signal.signal(signal.SIGINT, on_stop_signal)
+    signal.signal(signal.SIGTERM, on_stop_signal)
     stop = {}
     try:
         if frontend is not None and not port_is_free(frontend.port):  # before anything starts
@@ -237,9 +242,7 @@ def serve(args, triton_args: list[str] = ()) -> int:
     except ServerError as e:
         return _fail(str(e), 1)
     finally:
-        # The stop below is not to be cut short: a second Ctrl-C (or SIGTERM) would skip killing what is left
-        # of the server's processes, removing its shared memory and stopping the front end. It is bounded.
-        on_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # leaving another way: no signal cuts the stop short either
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         server.stop(**stop)
         if frontend is not None:

@@ -71,6 +71,31 @@ def test_each_rank_holds_its_share(tp_engine):
     assert model.layers[0].o_weight.shape[1] == spec.num_heads // 2 * spec.head_dim
 
 
+def test_one_failed_step_is_fatal_with_tensor_parallelism(make_tiny):
+    """A step that fails on rank 0 may leave the other ranks inside its collectives, where the next step's
+    would not line up: the first failure ends the engine (one rank alone goes on after a failure)."""
+    from pagedllm.serving.engine_thread import EngineThread
+
+    def failing_step():
+        raise RuntimeError("this step fails (simulated)")
+
+    engine = make_engine(str(make_tiny("llama", seed=7, num_heads=4, num_kv_heads=2, hidden_size=64)),
+                         tensor_parallel_size=2, num_kv_blocks=12)
+    engine.step = failing_step
+    errors, fatal = [], []
+    thread = EngineThread(engine, on_outputs=lambda outputs: None, on_error=lambda rid, msg: errors.append(rid),
+                          on_fatal=fatal.append)
+    try:
+        thread.submit(engine.make_request("r", GREEDY, prompt_token_ids=[5, 6, 7]))
+        deadline = time.monotonic() + 10
+        while not fatal and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        thread.stop(timeout=5)  # closes the engine
+    assert errors == ["r"]
+    assert fatal and "tensor-parallel engine step failed" in fatal[0], fatal
+
+
 def test_ranks_exit_cleanly_when_the_engine_closes(make_tiny):
     """Told to stop, a worker exits 0 (its watch on the engine's process must not abort the interpreter's
     shutdown)."""

@@ -29,7 +29,9 @@ class EngineThread:
         self._on_outputs = on_outputs
         self._on_error = on_error  # (request_id, message): the request failed inside the engine
         self._after_step = after_step
-        self._on_fatal = on_fatal  # (reason): the engine can no longer serve
+        self._report_fatal = on_fatal  # (reason): the engine can no longer serve; called once
+        self._fatal_lock = threading.Lock()
+        self._fatal_reason: str | None = None
         self._inbox: queue.Queue = queue.Queue()
         self._stopping = False
         self._failed_steps = 0
@@ -47,6 +49,20 @@ class EngineThread:
                 self._on_fatal(failure)
                 return
             time.sleep(0.5)
+
+    def _on_fatal(self, reason: str) -> None:
+        with self._fatal_lock:  # the watchdog and the engine thread may both see the end
+            if self._fatal_reason is not None:
+                return
+            self._fatal_reason = reason
+        self._report_fatal(reason)
+
+    def _rank_failure(self, wait_s: float = 1.0) -> str | None:
+        """Which rank died, when a step failed because one did (its collective errors before it is reaped)."""
+        deadline = time.monotonic() + wait_s
+        while (failure := self.engine.worker_failure()) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return failure
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
@@ -119,7 +135,11 @@ class EngineThread:
                     self._handle("abort", request_id)  # guarded: one that fails to free still gets its error
                     self._on_error(request_id, server_error(INTERNAL, f"the engine step failed: {e}"))
                 self._failed_steps += 1
-                if self._failed_steps == MAX_CONSECUTIVE_STEP_FAILURES:
+                if self.engine.workers is not None and self._failed_steps == 1:
+                    # The other ranks may be left inside this step's collectives: the next step's would not
+                    # line up with theirs.
+                    self._on_fatal(self._rank_failure() or f"a tensor-parallel engine step failed: {e}")
+                elif self._failed_steps == MAX_CONSECUTIVE_STEP_FAILURES:
                     self._on_fatal(f"{self._failed_steps} engine steps failed in a row; the last: {e}")
             try:  # callbacks (queue puts, metric IPC) must not end the thread that serves every request
                 if outputs:

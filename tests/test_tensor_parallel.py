@@ -150,3 +150,63 @@ def test_through_tritonserver_with_two_ranks(start_server, make_tiny):
     leftover = [pid for pid in os.listdir("/proc") if pid.isdigit()
                 and b"pagedllm.engine.worker" in open(f"/proc/{pid}/cmdline", "rb").read()]
     assert not leftover
+
+
+ENGINE_THEN_WAIT = """
+import sys, time
+sys.path[:0] = sys.argv[2:]
+from engine_utils import make_engine
+engine = make_engine(sys.argv[1], tensor_parallel_size=2, num_kv_blocks=12)
+print(engine.workers.procs[0].pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_worker_exits_when_the_engines_process_dies(make_tiny):
+    """SIGKILL of the process that holds the engine (a Triton stub, say) leaves no worker rank behind. (Over
+    gloo the worker's broadcast fails as its peer goes; NCCL may wait on: the next test pins what ends it then.)"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests, backend = Path(__file__).parent, Path(__file__).parents[1] / "backend"
+    model = make_tiny("llama", seed=7, num_heads=4, num_kv_heads=2, hidden_size=64)
+    holder = subprocess.Popen([sys.executable, "-c", ENGINE_THEN_WAIT, str(model), str(tests), str(backend)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(holder.stdout.readline())
+        holder.kill()
+        holder.wait()
+        deadline = time.monotonic() + 10
+        while _running(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(worker), f"worker {worker} outlived the engine's process"
+    finally:
+        holder.kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_worker_watches_its_stdin_for_the_engines_end():
+    """What ends a worker whose collectives would not notice the engine's death: its stdin reaching end."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    backend = Path(__file__).parents[1] / "backend"
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                              "from pagedllm.engine import parallel; parallel.exit_when_parent_exits(); "
+                              "print('watching', flush=True); time.sleep(60)", str(backend)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "watching"
+        child.stdin.close()  # as when the engine's process dies
+        assert child.wait(timeout=10) == 1
+    finally:
+        child.kill()

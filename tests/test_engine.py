@@ -295,6 +295,10 @@ def test_a_one_token_recompute_chunk_is_not_taken_for_a_decode_step(llama):
 def test_the_torch_kernels_run_the_padded_path_without_graphs(llama):
     """The PyTorch reference attention syncs with the host, so it is never captured: with kernels=torch and
     cuda_graphs on, padded decode steps run eagerly (on CUDA, capture used to fail at start-up)."""
+    from pagedllm.engine.model_runner import graphs_capturable
+
+    assert not graphs_capturable(torch.device("cuda"), "torch")
+    assert graphs_capturable(torch.device("cuda"), "triton") and not graphs_capturable(torch.device("cpu"), "triton")
     engine = make_engine(llama, kernels="torch", cuda_graphs=True)
     assert engine.runner.static is not None and not engine.runner.static.graphs
     ps = prompts(seed=25)[:3]

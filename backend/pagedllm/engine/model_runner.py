@@ -29,6 +29,12 @@ from .step_message import STEP, STOP, Header, MessageLayout, StepViews, fill, vi
 log = logging.getLogger("pagedllm")
 
 
+def graphs_capturable(device: torch.device, kernels: str) -> bool:
+    """Whether decode steps can be captured as CUDA graphs: on CUDA, with the Triton kernels (the torch
+    reference attention syncs with the host, with .tolist(), which capture forbids)."""
+    return device.type == "cuda" and kernels == "triton"
+
+
 def padded_sizes(max_num_seqs: int) -> list[int]:
     """The decode batch sizes that are captured: 1, 2, 4, 8, then every 8 up to max_num_seqs (vLLM's ladder)."""
     sizes = [b for b in (1, 2, 4) if b < max_num_seqs] + list(range(8, max_num_seqs + 1, 8))
@@ -89,9 +95,9 @@ class ModelRunner:
         self.distributed = distributed or Distributed()
         self.static = _StaticDecode(padded_sizes(max_num_seqs)) if static_decode else None
         if self.static is not None and cuda_graphs and self.device.type == "cuda":
-            if model.ops.name == "triton":
+            if graphs_capturable(self.device, model.ops.name):
                 self._capture_graphs()
-            else:  # the torch reference attention syncs with the host (.tolist()): it cannot be captured
+            else:
                 log.info("pagedllm: no CUDA graphs with kernels=%s; padded decode steps run eagerly", model.ops.name)
 
     def _bind_device(self) -> None:

@@ -92,8 +92,7 @@ class TritonPythonModel:
     def _take(self, taken: "_Taken", sender) -> None:
         """On an intake thread: parse and validate one request, then hand it to the engine thread. Every
         failure ends this request alone, with one final error."""
-        if self.responder.refusal:
-            guarded(send_error, sender, self.responder.refusal, pb_utils.TritonError.UNAVAILABLE)
+        if self._refused(sender):
             return
         try:
             parsed = parse_request(taken.inputs.get, parse_parameters(taken.parameters), self.engine.tokenize,
@@ -109,12 +108,21 @@ class TritonPythonModel:
             log.exception("pagedllm: could not take a request")
             guarded(send_error, sender, server_error(INTERNAL, str(e)), pb_utils.TritonError.INTERNAL)
             return
+        if self._refused(sender):  # the model began draining or failing while this one was parsed
+            return
         state = RequestState(sender, parsed.stream, parsed.exclude_input_in_output, taken.requested,
                              taken.arrival)
-        # Registered before it is submitted, so that the sender thread knows it before its first output.
+        # Registered before it is submitted, so that the sender thread knows it before its first output (and
+        # refuses it if a drain or failure began since the check above).
         self.responder.register(request_id, state, engine_request.seq.num_prompt_tokens)
         self.engine_thread.submit(engine_request)
         state.submitted = True
+
+    def _refused(self, sender) -> bool:
+        refusal = self.responder.refusal  # read once: another thread may set it
+        if refusal:
+            guarded(send_error, sender, refusal, pb_utils.TritonError.UNAVAILABLE)
+        return bool(refusal)
 
     # ---- life events ----------------------------------------------------------------------------------
     def _watch_launcher(self) -> None:

@@ -81,7 +81,7 @@ def test_preemption_recomputes_and_still_matches(llama):
 
 
 def test_request_joins_the_running_batch_at_the_next_step(llama):
-    engine = make_engine(llama)
+    engine = make_engine(llama, max_prefill_tokens_while_decoding=0)  # b's whole prompt in one step
     a, b = prompts(seed=4)[2], prompts(seed=4)[4]
     engine.add(engine.make_request("a", GREEDY, prompt_token_ids=a))
     got = {"a": [], "b": []}

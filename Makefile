@@ -1,5 +1,5 @@
 # make setup: .venv with pagedllm installed (editable) plus the local tritonserver, test and bench extras.
-# make serve: the server on the default tiny checkpoint (or ARGS="--model DIR ...").  make test: the test suite.
+# make serve: the server on the default tiny checkpoint (or ARGS="--model DIR ...").  make test: lint, then the suite.
 # make lint: ruff (what CI runs before the tests).
 PYTHON ?= python3
 VENV := .venv
@@ -31,7 +31,7 @@ serve: setup
 lint: setup
 	$(BIN)/ruff check backend client tests bench examples
 
-test: setup
+test: lint
 	$(BIN)/python -m pytest -q tests
 
 clean-venv:

@@ -186,6 +186,7 @@ BAD_REQUESTS = {
     "base64 junk": ({"prompt_embeds_base64": np.array(["%%%"])}, "prompt_embeds_base64: not valid base64"),
     "base64 huge": ({"prompt_embeds_base64": np.array(["A" * 200000])}, "prompt_embeds_base64: 200000 characters"),
     "text too long": ({"text_input": np.array(["word " * 2000])}, "text_input: the prompt has"),
+    "text not utf-8": ({"text_input": np.array([b"\xff\xfe"], dtype=np.object_)}, "text_input: not valid UTF-8"),
     "sampling json": ({**GOOD, "sampling_parameters": np.array(["{not json"])}, "sampling_parameters: not valid JSON"),
     "sampling value": ({**GOOD, "sampling_parameters": np.array(['{"temperature": "hot"}'])},
                        "sampling_parameters.temperature"),
@@ -225,6 +226,10 @@ def test_http_bad_input_gets_a_clear_error(srv):
     code, body = http_generate(srv.http_url, {"input_ids": [1, 100000], "max_tokens": 4})
     assert code == 400, body
     assert "input_ids: token id 100000" in body["error"]
+    # A field of /generate that is no input becomes a request parameter: a misspelt one is refused by name,
+    # not ignored (this one would have given 16 tokens instead of 3).
+    code, body = http_generate(srv.http_url, {"input_ids": [1, 2], "max_token": 3})
+    assert code == 400 and "parameter 'max_token': not a parameter of this model" in body["error"], body
 
 
 def test_cancelled_stream_returns_its_kv_blocks(srv):

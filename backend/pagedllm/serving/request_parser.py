@@ -38,6 +38,14 @@ NEUTRAL_KEYS = {
 }
 
 
+# Request parameters that Triton and its clients themselves set (the KServe protocol's, Triton's own `triton_*`
+# ones): passed over. Any other unknown parameter is refused by name, as a misspelt `max_token` would otherwise
+# be ignored without a word.
+PROTOCOL_PARAMETERS = ("binary_data_output", "binary_data", "binary_data_size", "classification",
+                       "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset", "sequence_id",
+                       "sequence_start", "sequence_end", "priority", "timeout", "headers")
+
+
 @dataclass(frozen=True)
 class Limits:
     """What bounds a request's inputs: a prompt must fit in max_model_len tokens."""
@@ -162,7 +170,7 @@ def _to_str_list(name: str, v: Any) -> list[str]:
     out = []
     for x in v:
         if isinstance(x, bytes):
-            x = x.decode("utf-8", "replace")
+            x = _utf8(name, x)
         if not isinstance(x, str):
             raise InvalidRequest(f"{name}: expected strings, got {x!r}")
         out.append(x)
@@ -177,6 +185,13 @@ _CONVERT: dict[str, Callable[[str, Any], Any]] = {
 }
 
 
+def _utf8(name: str, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidRequest(f"{name}: not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+
+
 def _convert(label: str, key: str, value: Any) -> Any:
     return _CONVERT.get(key, _to_bool)(label, value)
 
@@ -185,7 +200,7 @@ def _scalar(name: str, arr: np.ndarray) -> Any:
     if arr.size != 1:
         raise InvalidRequest(f"{name}: expected one value, got shape {list(arr.shape)}")
     v = arr.reshape(-1)[0]
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v
+    return _utf8(name, v) if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v
 
 
 def _sampling_json(arr: np.ndarray) -> dict:
@@ -223,7 +238,15 @@ def parse_parameters(raw: str | bytes | None) -> dict:
         return {}
     if len(raw) > MAX_SAMPLING_JSON_BYTES:
         raise InvalidRequest("parameters: larger than 64 KiB")
-    return _json_object("parameters", raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw)
+    return _json_object("parameters", _utf8("parameters", raw) if isinstance(raw, bytes) else raw)
+
+
+def _check_parameter_names(parameters: dict) -> None:
+    known = set(SAMPLING_KEYS) | set(FLAG_KEYS) | set(NEUTRAL_KEYS) | set(PROTOCOL_PARAMETERS)
+    unknown = sorted(k for k in parameters if k not in known and not k.startswith("triton_"))
+    if unknown:
+        raise InvalidRequest(f"parameter {_clip(unknown[0])}: not a parameter of this model (supported: "
+                             f"{', '.join(SAMPLING_KEYS + FLAG_KEYS)})")
 
 
 def _check_neutral(label: str, key: str, value: Any) -> None:
@@ -273,6 +296,7 @@ def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict, tok
 
     # Every source is converted (and so validated) even where a higher-precedence one overrides it.
     values: dict[str, Any] = {}
+    _check_parameter_names(parameters)
     for key in SAMPLING_KEYS + FLAG_KEYS:  # lowest precedence: request parameters
         if key in parameters:
             values[key] = _convert(f"parameter {key}", key, parameters[key])
@@ -339,7 +363,7 @@ def _text_prompt(arr: np.ndarray, max_chars: int | None, max_model_len: int) -> 
     raw = arr.reshape(-1)[0]
     if max_chars is not None and len(raw) > 4 * max_chars:  # bytes: at most 4 per character
         raise _text_too_long(len(raw), "bytes", max_chars, max_model_len)
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    text = _utf8("text_input", raw) if isinstance(raw, bytes) else str(raw)
     if max_chars is not None and len(text) > max_chars:
         raise _text_too_long(len(text), "characters", max_chars, max_model_len)
     if not text:

@@ -229,6 +229,10 @@ def status_and_message(fn) -> tuple[int, str]:
     ({"prompt": "x", "seed": 2**64}, 400, "seed"),
     ({"prompt": [[1, 2], [3, 2**63]]}, 400, "prompt[1]: token id 9223372036854775808"),
     ({"prompt": [3, 2**64 + 5]}, 400, "prompt: token id"),
+    # a prompt and max_tokens beyond the model length (512): refused as vLLM does, not answered short
+    ({"prompt": [5] * 500, "max_tokens": 20}, 400, "max_tokens: 20 after the 500 tokens of prompt is more than"),
+    ({"prompt": [[5, 6], [5] * 600]}, 400, "prompt[1]: the prompt has 600 tokens"),
+    ({"prompt": "river " * 100000}, 400, "prompt: 600000 characters cannot fit"),
 ])
 def test_bad_requests_get_400_naming_the_field(client, model_name, kwargs, status, words, llm_server):
     kwargs = {"model": model_name, "max_tokens": 4, **kwargs}
@@ -252,6 +256,28 @@ def test_a_stream_refused_before_its_first_token_gets_its_http_status(client, mo
     assert blocks_all_free(llm_server)
     chunks = list(client.completions.create(model=model_name, prompt=TEXT, stream=True, **GREEDY))
     assert "".join(c.choices[0].text for c in chunks) == greedy_text(llm_server, tok, ids=tok(TEXT)["input_ids"])
+
+
+def test_a_chat_too_long_is_refused_naming_messages(client, model_name):
+    for messages, max_tokens, words in (
+            ([{"role": "user", "content": "river " * 600}], 4, "messages: the prompt has"),
+            ([{"role": "user", "content": "river"}], 511, "max_tokens: 511 after the"),
+            ([{"role": "user", "content": "river " * 100000}], 4, "messages: 600000 characters cannot fit")):
+        got, message = status_and_message(lambda: client.chat.completions.create(
+            model=model_name, messages=messages, max_tokens=max_tokens))
+        assert got == 400 and words in message, message
+
+
+def test_the_model_gone_from_triton_is_a_503_not_the_requests_fault():
+    """While the server stops, Triton answers for the unloaded llm model itself ("unknown model"): the front
+    end, which only ever asks for llm, makes that the 503 a retrying client or a load balancer expects."""
+    from pagedllm_client import PagedLLMError
+
+    from pagedllm.openai_api.service import api_error
+
+    gone = api_error(PagedLLMError("Request for unknown model: 'llm' has no available versions", None))
+    assert gone.status == 503 and "not available" in gone.message
+    assert api_error(PagedLLMError("prompt: the prompt is empty", None)).status == 400
 
 
 def test_a_client_gone_before_the_first_token_cancels_the_stream():

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pagedllm_client import AsyncClient
 
 from ..errors import InvalidRequest
-from .prompts import ModelFacts, chat_prompt, completion_prompts, fan_out, sampling_options
+from .prompts import ModelFacts, chat_prompt, check_lengths, completion_prompts, fan_out, sampling_options
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .service import APIError, Choice, Runner, new_id, now, sse, usage
 
@@ -68,7 +68,9 @@ def build_app(settings: Settings) -> FastAPI:
     async def completions(req: CompletionRequest, request: Request):
         state.check_model(req.model)
         prompts = await asyncio.to_thread(_invalid_as_400, completion_prompts, req, settings.facts)
-        options = sampling_options(req, None if req.max_tokens in (None, -1) else req.max_tokens)
+        max_tokens = None if req.max_tokens in (None, -1) else req.max_tokens
+        _invalid_as_400(check_lengths, prompts, max_tokens, settings.facts)
+        options = sampling_options(req, max_tokens)
         options = replace(options, return_logprobs=req.logprobs is not None or None)
         gens = _invalid_as_400(fan_out, prompts, options, req.n)
         echoes = {g.index: g.prompt.echo_text if req.echo else "" for g in gens}
@@ -87,9 +89,9 @@ def build_app(settings: Settings) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         state.check_model(req.model)
         prompt = await asyncio.to_thread(_invalid_as_400, chat_prompt, req, settings.facts)
-        limit = req.token_limit
-        options = replace(sampling_options(req, None if limit in (None, -1) else limit),
-                          return_logprobs=req.logprobs or None)
+        max_tokens = None if req.token_limit in (None, -1) else req.token_limit
+        _invalid_as_400(check_lengths, [prompt], max_tokens, settings.facts)
+        options = replace(sampling_options(req, max_tokens), return_logprobs=req.logprobs or None)
         gens = _invalid_as_400(fan_out, [prompt], options, req.n)
         rid, created = new_id("chatcmpl"), now()
         if req.stream:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..model.spec import load_model_spec, resolve_model
-from ..tokenizer import load_tokenizer
+from ..tokenizer import load_tokenizer, max_token_chars
 from .embeds_payload import max_base64_chars
 from .prompts import ModelFacts
 
@@ -55,8 +55,9 @@ def add_arguments(p: argparse.ArgumentParser, standalone: bool = True) -> None:
 def model_facts(model_dir: str | Path, max_model_len: int = 0) -> ModelFacts:
     """The served model's facts; its length as the engine takes it."""
     spec = load_model_spec(model_dir)
-    return ModelFacts(hidden_size=spec.hidden_size, max_rows=spec.model_length(max_model_len),
-                      tokenizer=load_tokenizer(model_dir))
+    tokenizer = load_tokenizer(model_dir)
+    return ModelFacts(hidden_size=spec.hidden_size, max_rows=spec.model_length(max_model_len), tokenizer=tokenizer,
+                      max_token_chars=max_token_chars(tokenizer) if tokenizer is not None else 1)
 
 
 def default_max_request_bytes(facts: ModelFacts) -> int:

@@ -45,10 +45,17 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": None, "code": self.status}}
 
 
+# What Triton answers for a model that is not loaded. The front end only asks for the `llm` model it was started
+# with, so this means llm is being unloaded (the server is stopping) or failed to load: not the request's fault.
+_MODEL_GONE = ("Request for unknown model", "has no available versions", "is not ready")
+
+
 def api_error(e: PagedLLMError) -> APIError:
     kind = error_kind(e.message)
     if kind is not None:
         return APIError(_KIND_STATUS[kind], e.message)
+    if any(words in e.message for words in _MODEL_GONE):
+        return APIError(503, f"the model is not available (the server may be shutting down): {e.message}")
     if e.status is None:  # an error inside the stream that is not the server's: the request's fault
         return APIError(400, e.message)
     return APIError(_GRPC_STATUS.get(str(e.status), 500), e.message)

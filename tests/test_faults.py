@@ -318,16 +318,22 @@ class TritonPythonModel(Base):
         super().initialize(args)
         if os.environ.get("PAGEDLLM_TEST_FAULT_INSTANCE", args["model_instance_name"]) != args["model_instance_name"]:
             return
-        real_step, steps = self.engine.step, [0]
-        after = int(os.environ.get("PAGEDLLM_TEST_FAULT_AFTER", "20"))
+        real_step, steps, reported = self.engine.step, [0], []
+        when = os.environ.get("PAGEDLLM_TEST_FAULT_WHEN")  # a file the test creates; else after 20 steps
+        fault = os.environ["PAGEDLLM_TEST_FAULT"]
 
         def step():
             steps[0] += 1
-            if steps[0] > after:
-                if os.environ["PAGEDLLM_TEST_FAULT"] == "thread":
-                    raise SystemExit("the engine thread dies (simulated)")
-                raise RuntimeError("this step fails (simulated)")
-            return real_step()
+            if not (os.path.exists(when) if when else steps[0] > 20):
+                return real_step()
+            if fault == "thread":
+                raise SystemExit("the engine thread dies (simulated)")
+            if fault == "fatal":  # what the engine thread reports when it cannot serve, once
+                if not reported:
+                    reported.append(True)
+                    self._on_fatal("the engine cannot serve (simulated)")
+                return real_step()
+            raise RuntimeError("this step fails (simulated)")
 
         self.engine.step = step
 '''
@@ -364,16 +370,20 @@ def test_when_one_instance_fails_the_others_drain(serve, slower_model, tmp_path)
     get the grace period and a final answer (not a cut connection), and serve exits for a restart."""
     repo = two_instance_repository(tmp_path)
     (repo / "llm" / "1" / "model.py").write_text(textwrap.dedent(FAULTY_MODEL))
-    srv = serve({"PAGEDLLM_MODEL_REPOSITORY": str(repo), "PAGEDLLM_TEST_FAULT": "thread",
-                 "PAGEDLLM_TEST_FAULT_INSTANCE": "llm_0_0", "PAGEDLLM_TEST_FAULT_AFTER": "1200"}, slower_model)
+    fault_now = tmp_path / "fault-now"
+    srv = serve({"PAGEDLLM_MODEL_REPOSITORY": str(repo), "PAGEDLLM_TEST_FAULT": "fatal",
+                 "PAGEDLLM_TEST_FAULT_INSTANCE": "llm_0_0", "PAGEDLLM_TEST_FAULT_WHEN": str(fault_now)},
+                slower_model)
     streams = streams_on_both_instances(srv)
     try:
-        outcome = streams.wait_for_outcomes(60)
+        fault_now.touch()
+        outcome = streams.wait_for_outcomes(GRACE_S + 15)
     finally:
         streams.close()
     assert len(outcome) == len(streams.clients) and all(o.startswith("error") for o in outcome.values()), outcome
     drained = [o for o in outcome.values() if "the server is shutting down" in o]
-    assert drained and len(drained) < len(outcome), outcome  # the healthy instance's, and the failed one's
+    failed = [o for o in outcome.values() if "the engine cannot serve (simulated)" in o]
+    assert drained and failed and len(drained) + len(failed) == len(outcome), outcome
     assert exit_code(srv, 30) == 3
     assert not srv.ready()
     srv.assert_nothing_left(within=20)

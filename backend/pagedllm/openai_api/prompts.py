@@ -67,7 +67,9 @@ def completion_prompts(req: CompletionRequest, facts: ModelFacts) -> list[Prompt
                 continue
             if x == "":
                 raise InvalidRequest(f"{field}: the prompt is empty")
-            prompts.append(Prompt(text=x, echo_text=x, field=field, num_tokens=_text_tokens(field, x, facts)))
+            ids = _text_ids(field, x, facts)  # tokenized here once: llm then takes the ids
+            prompts.append(Prompt(text=x, echo_text=x, field=field) if ids is None else
+                           Prompt(token_ids=ids, echo_text=x, field=field, num_tokens=len(ids)))
         else:
             if not x:
                 raise InvalidRequest(f"{field}: the prompt is empty")
@@ -93,14 +95,15 @@ def check_lengths(prompts: list[Prompt], max_tokens: int | None, facts: ModelFac
                                  f"{facts.max_rows - p.num_tokens})")
 
 
-def _text_tokens(field: str, text: str, facts: ModelFacts) -> int | None:
-    """A text prompt's length in tokens; a text too long to fit is refused by its size before tokenizing."""
+def _text_ids(field: str, text: str, facts: ModelFacts) -> list[int] | None:
+    """A text prompt's token ids (None without a tokenizer: llm tokenizes it); a text too long to fit is
+    refused by its size before tokenizing."""
     if facts.tokenizer is None:
         return None
     if len(text) > facts.max_rows * facts.max_token_chars:
         raise InvalidRequest(f"{field}: {len(text)} characters cannot fit in the model length ({facts.max_rows} "
                              "tokens)")
-    return len(text_token_ids(facts.tokenizer, text))
+    return text_token_ids(facts.tokenizer, text)
 
 
 def _embeds_prompts(payload: str | list[str] | None, facts: ModelFacts) -> list[tuple[str, np.ndarray]]:

@@ -439,7 +439,7 @@ def test_probes():
     startup = probes["startupProbe"]
     budget = startup.get("initialDelaySeconds", 0) + startup["periodSeconds"] * startup["failureThreshold"]
     # Generous (big checkpoints load for minutes) and no shorter than the server's own wait for the model.
-    assert budget >= 900 and budget >= float(_args()["ready-timeout"])
+    assert budget >= 900 and budget >= float(_args()["startup-timeout"])
 
 
 def test_shutdown_grace_fits_in_the_termination_grace_period():

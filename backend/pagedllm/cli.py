@@ -62,6 +62,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pagedllm.server.process import DEFAULT_STARTUP_TIMEOUT_S
+
     parser = argparse.ArgumentParser(prog="pagedllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -80,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
     serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
-    serve.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model")
+    serve.add_argument("--startup-timeout", "--ready-timeout", dest="startup_timeout", type=float,
+                       default=DEFAULT_STARTUP_TIMEOUT_S,
+                       help="seconds the models get to load; past it serve names the models still loading, with "
+                            "where their Python stands and their last log lines, stops everything and exits 1 "
+                            f"(default {DEFAULT_STARTUP_TIMEOUT_S:g})")
     serve.add_argument("--shutdown-grace-secs", type=float, default=DEFAULT_GRACE_S,
                        help="on SIGTERM / Ctrl-C, what requests in flight get to finish before they are ended "
                             f"with an error (default {DEFAULT_GRACE_S:g})")
@@ -228,7 +234,8 @@ def serve(args, triton_args: list[str] = ()) -> int:
         if frontend is not None and not port_is_free(frontend.port):  # before anything starts
             raise LauncherError(f"port {frontend.port} (OpenAI API) already in use")
         server.start()
-        server.wait_ready(args.ready_timeout)
+        server.wait_ready(args.startup_timeout, notice=lambda text: print(f"pagedllm: {text}", file=sys.stderr,
+                                                                          flush=True))
         if frontend is not None:  # listening; its /health says whether Triton's llm model is ready
             frontend.start().wait_ready(healthy=False)
         print(_ready_banner(args, model_dir, frontend), flush=True)

@@ -12,6 +12,9 @@ import triton_python_backend_utils as pb_utils
 from ..errors import InvalidRequest
 from ..model.spec import resolve_model
 from .embedder import Embedder
+from .triton_logging import dump_stacks_on_sigusr1
+
+dump_stacks_on_sigusr1()  # where a stuck initialize stands, when the launcher asks
 
 
 class TritonPythonModel:

@@ -35,3 +35,13 @@ def install_triton_log_handler() -> None:
         log.addHandler(handler)
     log.setLevel(logging.DEBUG)  # Triton decides what is shown (verbose lines need --log-verbose)
     log.propagate = False
+
+
+def dump_stacks_on_sigusr1() -> None:
+    """SIGUSR1 writes every thread's Python stack to stderr, which the stub shares with tritonserver (its log):
+    `pagedllm serve` asks a stub that is still initializing past the start-up timeout where it stands. Called
+    when a model module is imported, so it is in place before `initialize` runs."""
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)

@@ -27,9 +27,10 @@ from .engine_thread import EngineThread
 from .metrics import EngineStats, ModelMetrics
 from .request_parser import Limits, parse_parameters, parse_request, take_inputs
 from .responder import RequestState, Responder, guarded, send_error
-from .triton_logging import install_triton_log_handler
+from .triton_logging import dump_stacks_on_sigusr1, install_triton_log_handler
 
 log = logging.getLogger("pagedllm")
+dump_stacks_on_sigusr1()  # where a stuck initialize stands, when the launcher asks
 INTAKE_THREADS = 2  # a long request being parsed does not hold up the next one
 
 
@@ -50,6 +51,7 @@ def _engine_config(args: dict) -> EngineConfig:
 class TritonPythonModel:
     def initialize(self, args):
         install_triton_log_handler()
+        self.instance_name = args.get("model_instance_name", "llm")  # in log lines: instances are told apart
         self.engine = LLMEngine(_engine_config(args))
         self.limits = Limits(self.engine.spec.hidden_size, self.engine.max_model_len, self.engine.max_prompt_chars)
         labels = {"model": args["model_name"], "version": args["model_version"],
@@ -139,7 +141,8 @@ class TritonPythonModel:
                 grace = None
                 self._launcher.stop_watching()  # go on without it
             if grace is not None:
-                log.info("pagedllm: draining: new requests are refused, those in flight have %.1f s", grace)
+                log.info("pagedllm: %s draining: new requests are refused, those in flight have %.1f s",
+                         self.instance_name, grace)
                 self.responder.drain(grace)
                 self.responder.wait_idle(grace + 2.0)
                 self._launcher.report_idle()
@@ -163,7 +166,8 @@ class TritonPythonModel:
         rest end with an error."""
         self._stopping.set()
         grace = self._launcher.grace_s
-        log.info("pagedllm: unloading: new requests are refused, those in flight have %.1f s", grace)
+        log.info("pagedllm: %s unloading: new requests are refused, those in flight have %.1f s",
+                 self.instance_name, grace)
         self.responder.drain(grace)
         if not self.responder.wait_idle(grace + 2.0):
             log.warning("pagedllm: requests still open after the grace period")

@@ -32,7 +32,7 @@ lint: setup
 	$(BIN)/ruff check backend client tests bench examples
 
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --durations=15
 
 clean-venv:
 	rm -rf $(VENV)

@@ -40,6 +40,19 @@ def test_a_drain_reaches_every_instance_once_with_the_grace_period(launcher):
     assert end.wait_idle(3, timeout=2)
 
 
+def test_what_the_instances_say_is_counted_whatever_reads_it_first(launcher):
+    """idle, finalizing and fatal lines share one pipe: reading one kind keeps the others for their reader."""
+    end, instances = launcher
+    instances[0].report_fatal("the engine thread died")
+    for m in instances:
+        m.report_idle()
+        m.report_finalizing()
+    assert end.wait_finalizing(3, timeout=2)  # read first, the idle and fatal lines with it
+    assert end.wait_idle(3, timeout=0)
+    assert end.fatal_reasons() == ["the engine thread died"] and end.fatal_reasons() == []
+    assert not end.wait_finalizing(4, timeout=0.1)
+
+
 def test_the_launchers_end_drains_every_instance_and_says_it_is_gone(launcher):
     end, instances = launcher
     end.close()  # what its death does to its descriptors

@@ -18,8 +18,10 @@ inherited descriptors on to its stubs):
   stopped by a signal when the launcher dies: once shutting down it no longer delivers a Python model's
   responses, so requests in flight would get no answer.
 - the **status** pipe (model -> launcher): the model writes `idle` when a drain is over (every request had
-  its final response), and `fatal <reason>` when it can no longer serve (its engine thread died, steps keep
-  failing); the launcher then stops tritonserver and exits non-zero, so that an orchestrator restarts it.
+  its final response), `finalizing` when Triton begins unloading it (a client's open stream can hold that
+  back; the launcher then does not wait for the unload), and `fatal <reason>` when it can no longer serve (its
+  engine thread died, steps keep failing); the launcher then stops tritonserver and exits non-zero, so that an
+  orchestrator restarts it.
 
 Without a launcher (tritonserver started by hand) neither variable is set and the model does without.
 """
@@ -51,6 +53,8 @@ class LauncherEnd:
         self._status_read, self._status_write = os.pipe()
         os.set_blocking(self._status_read, False)
         self._status_buffer = b""
+        self._said: dict[str, int] = {}  # how many times each word (idle, finalizing) was said
+        self._fatal: list[str] = []
 
     def child_env(self, grace_s: float) -> dict[str, str]:
         return {DRAIN_FD: str(self._drain_read), LIFELINE_FD: str(self._lifeline_read),
@@ -72,23 +76,39 @@ class LauncherEnd:
 
     def fatal_reasons(self) -> list[str]:
         """The `fatal` lines the model wrote since the last call."""
-        return [ln[len("fatal "):] for ln in self._read_status() if ln.startswith("fatal ")]
+        self._read_status()
+        reasons, self._fatal = self._fatal, []
+        return reasons
 
     def wait_idle(self, instances: int, timeout: float) -> bool:
         """Until `instances` model instances said their drain is over, or timeout."""
-        deadline, idle = time.monotonic() + timeout, 0
-        while idle < instances and time.monotonic() < deadline:
-            idle += sum(ln == "idle" for ln in self._read_status())
-            time.sleep(0.05)
-        return idle >= instances
+        return self._wait_for("idle", instances, timeout)
 
-    def _read_status(self) -> list[str]:
+    def wait_finalizing(self, instances: int, timeout: float) -> bool:
+        """Until `instances` model instances said Triton began unloading them (their `finalize` runs), or
+        timeout."""
+        return self._wait_for("finalizing", instances, timeout)
+
+    def _wait_for(self, word: str, instances: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._read_status()
+            if self._said.get(word, 0) >= instances or time.monotonic() >= deadline:
+                return self._said.get(word, 0) >= instances
+            time.sleep(0.05)
+
+    def _read_status(self) -> None:
+        """Reads what the model wrote: fatal reasons are kept until asked for, other words counted."""
         try:
             self._status_buffer += os.read(self._status_read, 65536)
-        except (BlockingIOError, OSError):
+        except (BlockingIOError, OSError, TypeError):  # TypeError: closed already
             pass
         *lines, self._status_buffer = self._status_buffer.split(b"\n")
-        return [ln.decode(errors="replace") for ln in lines]
+        for line in (ln.decode(errors="replace") for ln in lines):
+            if line.startswith("fatal "):
+                self._fatal.append(line[len("fatal "):])
+            else:
+                self._said[line] = self._said.get(line, 0) + 1
 
     def close(self) -> None:
         self._drain_write = _close(self._drain_write)
@@ -165,6 +185,9 @@ class ModelEnd:
 
     def report_idle(self) -> None:
         self._report("idle")
+
+    def report_finalizing(self) -> None:
+        self._report("finalizing")
 
     def _report(self, line: str) -> None:
         if self._status is None:

@@ -52,7 +52,8 @@ _LOAD_ENDED = re.compile(rb"\"(?:successfully loaded|failed to load) '(.+?)'")
 _CONTROL_HEADER = "pagedllm-launcher-key"  # the repository API's key header (its value is per server)
 KILL_AFTER_S = 2.0  # a server that cannot serve: time to deliver the errors it holds, then SIGKILL
 EXIT_TIMEOUT_S = 5  # after the drain and the unloads, how long tritonserver waits for what is still open
-UNLOAD_WAIT_S = 30.0  # after the drain: for every model's finalize and stub exit (seconds on a busy machine)
+FINALIZE_START_S = 5.0  # after the drain: for Triton to begin unloading llm (about 1 s), unless a stream holds it
+UNLOAD_WAIT_S = 30.0  # then: for every model's finalize and stub exit (seconds on a busy machine)
 DEFAULT_STARTUP_TIMEOUT_S = 600.0  # big checkpoints load for minutes; past this the launcher says who is stuck
 LOADING_NOTICE_S = 60.0  # while models load, a line this often says which ones are still loading
 STACK_DUMP_WAIT_S = 3.0  # for the stuck stubs to write their Python stacks into the log
@@ -526,8 +527,14 @@ class TritonServer:
         instances = sum(b"/llm/" in cmd for pid, cmd in _group_members(self.process.pid) if _STUB_NAME in cmd)
         if instances:
             self._lifeline.wait_idle(instances, self.shutdown_grace_s + 3.0)
-        if wait_unloaded and self._controls_models:
-            self._wait_unloaded(UNLOAD_WAIT_S)
+        if not (wait_unloaded and self._controls_models):
+            return
+        if instances and not self._lifeline.wait_finalizing(instances, FINALIZE_START_S):
+            # Not begun: a client's open stream holds the unload back, and only tritonserver's stop ends it.
+            print("pagedllm: an open client stream holds the llm model's unload; tritonserver's exit timeout "
+                  f"({self.exit_timeout_s} s) ends it", file=sys.stderr, flush=True)
+            return
+        self._wait_unloaded(UNLOAD_WAIT_S)
 
     def _unload(self, models: list[str], timeout: float) -> None:
         """Start unloading these models (in this order: llm first, so that readiness is false at once)."""

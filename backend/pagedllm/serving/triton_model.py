@@ -165,6 +165,7 @@ class TritonPythonModel:
         without a shutdown drains here too: new requests are refused, those in flight get the grace period, the
         rest end with an error."""
         self._stopping.set()
+        self._launcher.report_finalizing()
         grace = self._launcher.grace_s
         log.info("pagedllm: %s unloading: new requests are refused, those in flight have %.1f s",
                  self.instance_name, grace)

@@ -3,7 +3,8 @@
 `build_inputs` turns a prompt and GenerateOptions into numpy arrays named and typed like the model's inputs;
 the transports send those as gRPC tensors, or as a JSON body (`json_body`). `grpc_outputs` / `json_outputs`
 read one response back into a plain dict (token_ids, logprobs, text, finish_reason, num_input_tokens,
-num_output_tokens); `to_chunk` makes a Chunk of one, `to_result` gathers a request's responses into a Result.
+num_output_tokens, num_cached_tokens); `to_chunk` makes a Chunk of one, `to_result` gathers a request's
+responses into a Result.
 """
 from __future__ import annotations
 
@@ -172,6 +173,7 @@ def _outputs(values: Callable[[str], list]) -> dict[str, Any]:
         "finish_reason": _text(values("finish_reason")),
         "num_input_tokens": first_int("num_input_tokens"),
         "num_output_tokens": first_int("num_output_tokens"),
+        "num_cached_tokens": first_int("num_cached_tokens"),  # 0 when not asked for (or a model without it)
     }
 
 
@@ -196,7 +198,7 @@ def json_outputs(obj: dict) -> dict[str, Any]:
 def to_chunk(out: dict[str, Any], with_logprobs: bool) -> Chunk:
     """One streamed response as a Chunk; its logprobs are None unless the request asked for them."""
     return Chunk(out["token_ids"], out["text"], out["finish_reason"] or None, out["num_output_tokens"],
-                 out["logprobs"] if with_logprobs else None, out["num_input_tokens"])
+                 out["logprobs"] if with_logprobs else None, out["num_input_tokens"], out["num_cached_tokens"])
 
 
 def to_result(outputs: list[dict[str, Any]], with_logprobs: bool) -> Result:
@@ -207,4 +209,5 @@ def to_result(outputs: list[dict[str, Any]], with_logprobs: bool) -> Result:
     return Result(token_ids=[t for o in outputs for t in o["token_ids"]],
                   text="".join(o["text"] for o in outputs), finish_reason=last["finish_reason"],
                   num_input_tokens=last["num_input_tokens"], num_output_tokens=last["num_output_tokens"],
-                  logprobs=[x for o in outputs for x in o["logprobs"]] if with_logprobs else None)
+                  logprobs=[x for o in outputs for x in o["logprobs"]] if with_logprobs else None,
+                  num_cached_tokens=last["num_cached_tokens"])

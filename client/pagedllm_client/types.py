@@ -1,7 +1,7 @@
 """What the client hands back: a Result, streamed Chunks, and PagedLLMError."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 class PagedLLMError(Exception):
@@ -30,6 +30,9 @@ class Result:
     num_input_tokens: int
     num_output_tokens: int
     logprobs: list[float] | None = None  # one per token id with return_logprobs, else None
+    # prompt tokens whose K/V came from the server's prefix cache: how the server got there, not what it
+    # generated, so results that differ only in it are equal
+    num_cached_tokens: int = field(default=0, compare=False)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +47,9 @@ class Chunk:
     num_output_tokens: int  # generated so far
     logprobs: list[float] | None = None  # one per token id with return_logprobs, else None
     num_input_tokens: int = 0  # the prompt's length
+    # prompt tokens whose K/V came from the server's prefix cache: how the server got there, not what it
+    # generated, so results that differ only in it are equal
+    num_cached_tokens: int = field(default=0, compare=False)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -26,6 +26,7 @@ class StepOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" once finished
     num_prompt_tokens: int
     num_output_tokens: int
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
     @property
     def request_id(self) -> str:
@@ -92,7 +93,7 @@ class Request:
     def _output(self, token_ids: list[int], text: str, logprobs: list[float] | None) -> StepOutput:
         seq = self.seq
         return StepOutput(self, token_ids, text, logprobs, seq.finish_reason, seq.num_prompt_tokens,
-                          seq.num_output_tokens)
+                          seq.num_output_tokens, seq.num_cached_tokens)
 
     @property
     def _may_stop(self) -> bool:

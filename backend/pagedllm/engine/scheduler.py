@@ -106,8 +106,9 @@ class Scheduler:
             bm.grow(seq, start + n, prefix)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
-            if seq.first_scheduled_time is None:
+            if seq.first_scheduled_time is None:  # first admission (a preempted one recomputes: not counted)
                 seq.first_scheduled_time = time.monotonic()
+                seq.num_cached_tokens = start
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, n))
             budget -= n

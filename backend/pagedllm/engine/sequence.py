@@ -33,6 +33,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     embeds_digests: list[bytes] | None = None
     num_cached_blocks: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache when it was first scheduled
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_ids_before_min_tokens: list[int] = field(default_factory=list)  # the sampler bans these until min_tokens
     arrival_time: float = field(default_factory=time.monotonic)

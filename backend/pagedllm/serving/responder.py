@@ -227,6 +227,7 @@ def build_response(state: RequestState, out: StepOutput):
         "finish_reason": lambda: np.array([(out.finish_reason or "").encode()], dtype=np.object_),
         "num_input_tokens": lambda: np.array([out.num_prompt_tokens], dtype=np.uint32),
         "num_output_tokens": lambda: np.array([out.num_output_tokens], dtype=np.uint32),
+        "num_cached_tokens": lambda: np.array([out.num_cached_tokens], dtype=np.uint32),
     }
     names = state.requested or values.keys()
     return pb_utils.InferenceResponse(

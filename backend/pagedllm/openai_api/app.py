@@ -68,7 +68,7 @@ def build_app(settings: Settings) -> FastAPI:
     async def completions(req: CompletionRequest, request: Request):
         state.check_model(req.model)
         prompts = await asyncio.to_thread(_invalid_as_400, completion_prompts, req, settings.facts)
-        max_tokens = None if req.max_tokens in (None, -1) else req.max_tokens
+        max_tokens = req.max_tokens
         _invalid_as_400(check_lengths, prompts, max_tokens, settings.facts)
         options = sampling_options(req, max_tokens)
         options = replace(options, return_logprobs=req.logprobs is not None or None)
@@ -89,7 +89,7 @@ def build_app(settings: Settings) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         state.check_model(req.model)
         prompt = await asyncio.to_thread(_invalid_as_400, chat_prompt, req, settings.facts)
-        max_tokens = None if req.token_limit in (None, -1) else req.token_limit
+        max_tokens = req.token_limit
         _invalid_as_400(check_lengths, [prompt], max_tokens, settings.facts)
         options = replace(sampling_options(req, max_tokens), return_logprobs=req.logprobs or None)
         gens = _invalid_as_400(fan_out, [prompt], options, req.n)

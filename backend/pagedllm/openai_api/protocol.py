@@ -65,7 +65,9 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]], None] = None
     prompt_embeds: Union[str, list[str], None] = None  # vLLM's: base64 of torch.save(tensor), or a list
-    max_tokens: int | None = Field(16, ge=-1, le=INT32_MAX)  # OpenAI's; -1 or None (vLLM): up to the model length
+    # OpenAI's default 16; None (vLLM): up to the model length. Negative is a 400, as in OpenAI and vLLM (the llm
+    # model's -1 for "up to the model length" is not the OpenAI API's).
+    max_tokens: int | None = Field(16, ge=0, le=INT32_MAX)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0)
     best_of: int | None = None
@@ -121,8 +123,8 @@ class ResponseFormat(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=-1, le=INT32_MAX)
-    max_completion_tokens: int | None = Field(None, ge=-1, le=INT32_MAX)
+    max_tokens: int | None = Field(None, ge=0, le=INT32_MAX)  # both absent or None: up to the model length
+    max_completion_tokens: int | None = Field(None, ge=0, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
     response_format: ResponseFormat | None = None

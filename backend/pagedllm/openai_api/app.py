@@ -249,12 +249,17 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(APIError(400, _validation_message(e)).body(), status_code=400)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "none"}
+_TYPE_TAG_PREFIXES = ("list[", "dict[", "function-", "constrained-", "union[", "nullable[", "tagged-union[")
+
+
 def _validation_message(e: RequestValidationError) -> str:
     """The first problem, named by its field: `temperature: Input should be a valid number`."""
     err = e.errors()[0]
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
     # Union members and pydantic's type tags clutter the path; keep the field names and list indexes.
-    loc = [x for x in loc if not x.startswith(("str", "list[", "int", "function-", "constrained"))]
+    # (Exact tags, not prefixes: "stream" and "stream_options" are field names.)
+    loc = [x for x in loc if x not in _TYPE_TAGS and not x.startswith(_TYPE_TAG_PREFIXES)]
     message = err.get("msg", "invalid value").removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden":
         message = "unknown field (not supported by this server)"

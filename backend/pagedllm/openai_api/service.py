@@ -20,7 +20,7 @@ from ..errors import CANCELLED, INTERNAL, UNAVAILABLE, error_kind
 from .prompts import Generation
 
 # The `llm` outputs an answer needs: token ids and their logprobs only when logprobs were asked for.
-TEXT_OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
+TEXT_OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "num_cached_tokens")
 LOGPROB_OUTPUTS = TEXT_OUTPUTS + ("token_ids", "logprobs")
 
 # gRPC statuses (before any response) and the model's own error kinds -> HTTP statuses.
@@ -72,6 +72,7 @@ class Choice:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the engine took from its prefix cache
 
     def add(self, chunk: Chunk) -> None:
         self.text.append(chunk.text)
@@ -80,13 +81,18 @@ class Choice:
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.prompt_tokens = chunk.num_input_tokens or self.prompt_tokens
         self.completion_tokens = chunk.num_output_tokens
+        self.cached_tokens = chunk.num_cached_tokens or self.cached_tokens
 
 
 def usage(choices: list[Choice], n: int) -> dict:
-    """OpenAI's usage: prompt tokens once per prompt (its n choices share it), every choice's completion tokens."""
-    prompt = sum(c.prompt_tokens for c in choices if c.index % n == 0)
+    """OpenAI's usage: prompt tokens once per prompt (its n choices share it), every choice's completion tokens;
+    of the prompt tokens, those whose K/V came from the prefix cache (counted as the prompt tokens are, from
+    each prompt's first choice)."""
+    firsts = [c for c in choices if c.index % n == 0]
+    prompt = sum(c.prompt_tokens for c in firsts)
     completion = sum(c.completion_tokens for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in firsts)}}
 
 
 class Runner:

@@ -17,10 +17,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pagedllm_client import AsyncClient
+from starlette.exceptions import HTTPException
 
 from ..errors import InvalidRequest
 from .prompts import ModelFacts, chat_prompt, check_lengths, completion_prompts, fan_out, sampling_options
 from .protocol import ChatCompletionRequest, CompletionRequest
+from .responses import (ChatCompletionChunk, ChatCompletionResponse, CompletionChunk, CompletionResponse, ModelList,
+                        errors, fix_openapi, json_or_stream, plain_text)
 from .service import APIError, Choice, Runner, new_id, now, sse, usage
 
 
@@ -46,25 +49,33 @@ def build_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="pagedllm OpenAI-compatible API", lifespan=lifespan)
     app.add_middleware(_Guard, api_key=settings.api_key, max_bytes=settings.max_request_bytes)
     _install_error_handlers(app)
+    _document_as_answered(app)
+    # What the _Guard answers before a route runs: 401 on /v1 (with an API key), 411 and 413 on a POST.
+    post_errors = errors(400, 401, 404, 411, 413, 500, 503)
 
-    @app.get("/health")
+    @app.get("/health", response_class=PlainTextResponse, responses={
+        **plain_text("tritonserver and the llm model are ready (an empty body)"), **errors(503)})
     async def health():
         if await state.ready():
             return PlainTextResponse("")
         raise APIError(503, f"the Triton model {settings.model!r} is not ready")
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        **plain_text("Triton's metrics (Prometheus text format)"), **errors(404, 503)})
     async def metrics():
         if settings.metrics_url is None:
             raise APIError(404, "no metrics URL configured (--metrics-url)")
-        return PlainTextResponse(await asyncio.to_thread(_fetch, settings.metrics_url))
+        try:
+            return PlainTextResponse(await asyncio.to_thread(_fetch, settings.metrics_url))
+        except OSError as e:  # URLError, a timeout, a refused connection: Triton's metrics are not there
+            raise APIError(503, f"Triton's metrics at {settings.metrics_url} could not be read ({e})") from None
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": ModelList}, **errors(401)})
     async def models():
         return {"object": "list", "data": [{"id": settings.served_model_name, "object": "model", "created": now(),
                                             "owned_by": "pagedllm", "max_model_len": settings.facts.max_rows}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={**json_or_stream(CompletionResponse, CompletionChunk), **post_errors})
     async def completions(req: CompletionRequest, request: Request):
         state.check_model(req.model)
         prompts = await asyncio.to_thread(_invalid_as_400, completion_prompts, req, settings.facts)
@@ -85,7 +96,8 @@ def build_app(settings: Settings) -> FastAPI:
                 "choices": [state.completion_choice(c, req.logprobs is not None) for c in choices],
                 "usage": usage(choices, req.n)}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions",
+              responses={**json_or_stream(ChatCompletionResponse, ChatCompletionChunk), **post_errors})
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         state.check_model(req.model)
         prompt = await asyncio.to_thread(_invalid_as_400, chat_prompt, req, settings.facts)
@@ -244,6 +256,19 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, e: APIError):
         return JSONResponse(e.body(), status_code=e.status)
 
+    @app.exception_handler(HTTPException)
+    async def routing_error(request: Request, e: HTTPException):
+        """Starlette's own errors (an unknown route, a wrong method) in OpenAI's shape too, not {"detail": ...}."""
+        where = f"{request.method} {request.url.path}"
+        if e.status_code == 404:
+            message = f"{where}: no such route (this server serves /v1/models, /v1/completions, " \
+                      f"/v1/chat/completions, /health and /metrics)"
+        elif e.status_code == 405:
+            message = f"{where}: method not allowed (allowed: {(e.headers or {}).get('Allow', 'none')})"
+        else:
+            message = f"{where}: {e.detail}"
+        return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code, headers=e.headers)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, e: RequestValidationError):
         return JSONResponse(APIError(400, _validation_message(e)).body(), status_code=400)
@@ -268,6 +293,18 @@ def _validation_message(e: RequestValidationError) -> str:
     if message.split(":", 1)[0].split("[", 1)[0] in loc:  # the validator already named it (or its item)
         return message
     return f"{'.'.join(loc)}: {message}" if loc else message
+
+
+def _document_as_answered(app: FastAPI) -> None:
+    """/openapi.json as the server answers (responses.fix_openapi), built once."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = fix_openapi(build())
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 class _Guard:

@@ -10,6 +10,7 @@ own. A new sampling option: one `_option` line here, its SamplingParams field, i
 """
 from __future__ import annotations
 
+import json
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
@@ -41,6 +42,12 @@ class Input:
     field: str | None = None  # the SamplingParams field it sets; inputs with one are the sampling options
     default: Any = NO_DEFAULT  # what applies when it is not sent
     max_len: int | None = None  # a list's most values, refused before its values are converted
+
+    @property
+    def default_text(self) -> str:
+        """The default as JSON (as the HTTP generate endpoint takes it); empty when there is none."""
+        value = self.default
+        return "" if value is NO_DEFAULT else json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
 @dataclass(frozen=True)

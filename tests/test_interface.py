@@ -25,6 +25,7 @@ from pagedllm.interface import INPUTS, KINDS, NO_DEFAULT, OPTIONS, OUTPUTS  # no
 CONFIG = ROOT / "model_repository" / "llm" / "config.pbtxt"
 ENSEMBLE = ROOT / "model_repository" / "embed_llm" / "config.pbtxt"
 README = ROOT / "README.md"
+SAMPLE_VALUES = {"int": 1, "float": 0.5, "bool": True, "ints": [1, 2], "strings": ["x"]}  # one per option kind
 INPUT_HEADER = "| input | dtype | shape | default | meaning |"
 OUTPUT_HEADER = "| output | dtype | shape | meaning |"
 
@@ -149,20 +150,30 @@ def _stub_pb_utils():
     return m
 
 
+# The serving modules imported against the stub below, and forgotten again (other tests import them afresh).
+_STUBBED = ("triton_python_backend_utils", "pagedllm.serving.metrics", "pagedllm.serving.responder")
+
+
 def _import_with_stub(module: str):
-    """`module` imported against the stub, then forgotten (so that other tests import it afresh)."""
     import importlib
 
-    names = ["triton_python_backend_utils", module]
-    saved = {k: sys.modules.pop(k, None) for k in names}
+    import pagedllm.serving as serving
+
+    saved = {k: sys.modules.pop(k, None) for k in _STUBBED}
+    attrs = {k: getattr(serving, k, None) for k in ("metrics", "responder")}
     sys.modules["triton_python_backend_utils"] = _stub_pb_utils()
     try:
         return importlib.import_module(module)
     finally:
-        for k in names:
+        for k in _STUBBED:
             sys.modules.pop(k, None)
             if saved[k] is not None:
                 sys.modules[k] = saved[k]
+        for k, v in attrs.items():  # `from pagedllm.serving import metrics` reads the package's attribute
+            if v is None:
+                serving.__dict__.pop(k, None)
+            else:
+                setattr(serving, k, v)
 
 
 def test_readme_metrics_table_lists_metrics_py():
@@ -204,14 +215,9 @@ def test_the_client_sends_only_what_is_set():
         [(o.name, triton_to_np_dtype(o.dtype), o.dims == (-1,)) for o in OPTIONS]
     assert GenerateOptions() == GenerateOptions(**{o.name: None for o in OPTIONS})
     assert set(build_inputs("hi")) == {"text_input", "stream", "exclude_input_in_output"}
-    sent = build_inputs("hi", options=GenerateOptions(max_tokens=5, stop="x"))
-    assert sent["max_tokens"].dtype == np_dtype("max_tokens") and sent["stop"].dtype == np_dtype("stop")
-
-
-def np_dtype(name: str):
-    from tritonclient.utils import triton_to_np_dtype
-
-    return triton_to_np_dtype(next(i for i in INPUTS if i.name == name).dtype)
+    sent = build_inputs("hi", options=GenerateOptions(**{o.name: SAMPLE_VALUES[o.kind] for o in OPTIONS}))
+    for o in OPTIONS:  # each as the tensor config.pbtxt declares
+        assert sent[o.name].dtype == triton_to_np_dtype(o.dtype) and sent[o.name].ndim == len(o.dims), o.name
 
 
 def test_the_cli_has_a_flag_per_option_and_sends_none_unset():
@@ -234,9 +240,12 @@ def test_client_and_responder_know_every_output():
     from pagedllm_client.request import _outputs
     from tritonclient.utils import triton_to_np_dtype
 
+    from pagedllm.openai_api.service import LOGPROB_OUTPUTS, TEXT_OUTPUTS
+
     read = []
     _outputs(lambda name: read.append(name) or [])
     assert sorted(read) == sorted(o.name for o in OUTPUTS)
+    assert set(TEXT_OUTPUTS) <= set(LOGPROB_OUTPUTS) <= set(read)  # what the OpenAI front end asks for
 
     responder = _import_with_stub("pagedllm.serving.responder")
     state = types.SimpleNamespace(stream=True, requested=set())

@@ -1,6 +1,6 @@
 # make setup: .venv with pagedllm installed (editable) plus the local tritonserver, test and bench extras.
 # make serve: the server on the default tiny checkpoint (or ARGS="--model DIR ...").  make test: lint, then the suite.
-# make lint: ruff (what CI runs before the tests).
+# make lint: ruff (what CI runs before the tests).  make interface: the llm interface's copies, rewritten.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 CPU_PINS ?= torch==2.13.0 triton==3.6.0
 ARGS ?=
 
-.PHONY: setup serve lint test clean-venv
+.PHONY: setup serve lint test interface clean-venv
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest -q tests --durations=15
+
+# Rewrites llm's config.pbtxt inputs/outputs and the README's interface tables from backend/pagedllm/interface.py.
+interface: setup
+	$(BIN)/python tests/test_interface.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -265,7 +265,8 @@ def test_client_side_argument_checks():
     assert fp32["prompt_embeds_fp32"].dtype == np.float32 and fp32["prompt_embeds_fp32"].shape == (6,)
     b64 = build_inputs(np.ones((2, 3)), embeds_encoding="base64")["prompt_embeds_base64"]
     assert b64.shape == (1,) and len(b64[0]) == 16  # 12 bytes of FP16
-    assert set(build_inputs("hi")) == {"text_input", "max_tokens", "stream", "exclude_input_in_output"}
+    # No option is sent unless set: the server's defaults apply (written once, in SamplingParams).
+    assert set(build_inputs("hi")) == {"text_input", "stream", "exclude_input_in_output"}
     with pytest.raises(ValueError):
         Client("localhost:1", protocol="websocket")
 

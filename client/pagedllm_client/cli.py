@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 
+from pagedllm.interface import OPTIONS
+
 from .client import DEFAULT_URLS, Client
 from .options import GenerateOptions
 from .types import PagedLLMError
@@ -32,25 +34,34 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    """Flags for GenerateOptions' fields (see options.py), each with the field's name as its dest; ignore_eos
-    is added per command, with its own default."""
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help="-1: up to the model length")
-    p.add_argument("--min-tokens", type=int, help="no EOS, stop token or stop string before this many")
-    p.add_argument("--temperature", type=float, help="0 = greedy (server default 1.0)")
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seed", type=int, help="sampling seed")
-    p.add_argument("--stop-token-ids", type=_ids, help="e.g. 2,13")
-    p.add_argument("--stop", action="append", metavar="STRING",
-                   help="stop string: the text ends before it (repeat for several)")
-    p.add_argument("--include-stop-str-in-output", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep the stop string at the end of the text")
-    p.add_argument("--repetition-penalty", type=float, help="in (0, 10], 1 = off")
-    p.add_argument("--presence-penalty", type=float, help="in [-2, 2], 0 = off")
-    p.add_argument("--frequency-penalty", type=float, help="in [-2, 2], 0 = off")
-    p.add_argument("--logprobs", dest="return_logprobs", action="store_const", const=True,
-                   help="return each generated token's log-probability (generate shows them with --json)")
+# Flags spelt otherwise than `--` and the option's name with dashes (also taken: that spelling).
+FLAG_ALIASES = {"return_logprobs": "--logprobs"}
+
+
+def _option_args(p: argparse.ArgumentParser, **defaults) -> None:
+    """A flag per sampling option of the interface table, its dest the option's name. A flag not given is not
+    sent (the server's default applies) unless `defaults` (the command's own) sets it."""
+    for o in OPTIONS:
+        names = ["--" + o.name.replace("_", "-")] + ([FLAG_ALIASES[o.name]] if o.name in FLAG_ALIASES else [])
+        kwargs = {"dest": o.name, "help": _help(o, defaults).replace("%", "%%")}  # argparse formats help with %
+        if o.kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif o.kind == "strings":
+            kwargs.update(action="append", metavar="STRING")  # repeated for several
+        elif o.kind == "ints":
+            kwargs.update(type=_ids, metavar="ID,ID,...")
+        else:
+            kwargs["type"] = {"int": int, "float": float}[o.kind]
+        p.add_argument(*names, **kwargs)
+    p.set_defaults(**defaults)
+
+
+def _help(option, defaults: dict) -> str:
+    if option.name in defaults:
+        return f"{option.doc} (default here: {json.dumps(defaults[option.name])})"
+    if option.default in (None, ()):  # nothing worth showing: the doc says what happens without it
+        return option.doc
+    return f"{option.doc} (server default: {option.default_text})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,8 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="with --embed-with: apply DIR's chat template")
     g.add_argument("--embeds-encoding", choices=("fp16", "fp32", "base64"),
                    help="how embeddings travel (default fp16 over grpc, fp32 over http)")
-    _sampling_args(g, 16)
-    g.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=None)
+    _option_args(g)
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print tokens as they arrive (default)")
 
@@ -83,16 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-len", type=int, default=32)
     b.add_argument("--vocab-size", type=int, default=256, help="prompt ids are drawn from [4, vocab-size)")
     b.add_argument("--prompt-seed", type=int, default=0, help="seed of the random prompts")
-    _sampling_args(b, 32)
-    b.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
-                   help="generate max-tokens every time (default)")
+    _option_args(b, max_tokens=32, ignore_eos=True)  # the bench generates max-tokens every time
     b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="progress bar on stderr (default)")
     return parser
 
 
 def _sampling(args) -> dict:
-    """GenerateOptions' fields from the flags."""
+    """GenerateOptions' fields from the flags (None: not given, not sent)."""
     return {name: getattr(args, name) for name in GenerateOptions.names()}
 
 

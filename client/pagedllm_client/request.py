@@ -13,14 +13,14 @@ from dataclasses import fields
 from typing import Any, Callable
 
 import numpy as np
+from pagedllm.interface import INPUTS
 
 from .options import GenerateOptions
 from .types import Chunk, PagedLLMError, Result
 
 EMBEDS_ENCODINGS = ("fp16", "fp32", "base64")
 # Inputs declared with dims [1]: sent as JSON scalars over HTTP.
-SCALAR_INPUTS = ("text_input", "prompt_embeds_base64", "stream", "exclude_input_in_output",
-                 *(f.name for f in fields(GenerateOptions) if not f.metadata["many"]))
+SCALAR_INPUTS = tuple(i.name for i in INPUTS if i.dims == (1,))
 
 
 def _is_tensor(x: Any) -> bool:
@@ -119,7 +119,8 @@ def _option_tensor(name: str, value: Any, dtype: type, many: bool) -> np.ndarray
 
 
 def option_inputs(options: GenerateOptions) -> dict[str, np.ndarray]:
-    """The options that are set (not None), as the input tensors of the same names."""
+    """The options that are set (not None), as the input tensors of the same names; the server applies its
+    defaults to the others."""
     inputs = {}
     for f in fields(options):
         value = getattr(options, f.name)
@@ -131,7 +132,7 @@ def option_inputs(options: GenerateOptions) -> dict[str, np.ndarray]:
 def build_inputs(prompt: Any = None, *, text: str | None = None, input_ids: Any = None,
                  prompt_embeds: Any = None, embeds_encoding: str = "fp16", stream: bool = False,
                  options: GenerateOptions | None = None) -> dict[str, np.ndarray]:
-    """The request's input tensors by name, from exactly one prompt and `options` (the defaults when None).
+    """The request's input tensors by name, from exactly one prompt and `options` (none set when None).
     Embeddings go by `embeds_encoding`: "fp16" as `prompt_embeds` FP16 [seq_len, hidden] (gRPC's default),
     "fp32" as `prompt_embeds_fp32` flattened row-major (HTTP's default: JSON has no FP16 and only 1-D arrays),
     "base64" as `prompt_embeds_base64`, base64 of the little-endian FP16 bytes (a quarter of FP32 JSON)."""

@@ -16,7 +16,8 @@ REQUEST_LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0
 TOKEN_COUNT_BUCKETS = [1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
-# name, kind, description (each fact once: the README's metrics table is written from the same list)
+# Each metric's name and description, by kind. The README's metrics table is written by hand (its meanings
+# say more); tests/test_interface.py checks that it lists exactly these names, each with its kind.
 GAUGES = {
     "kv_blocks_free": "Free KV-cache blocks",
     "kv_blocks_total": "KV-cache blocks in all",

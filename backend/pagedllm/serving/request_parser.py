@@ -1,8 +1,10 @@
 """Turn one Triton request's tensors and parameters into a prompt and SamplingParams, or a clear error.
 
-Kept free of `triton_python_backend_utils` so it is tested directly. Every error is an InvalidRequest whose
-message starts with the name of the input at fault. Work that grows with an input's size (tokenizing a text,
-copying embeddings, converting a list) is only done once its size is known to be within the limits.
+Which inputs there are, which of them are sampling options and how each kind of value is read come from the
+interface table (interface.py). Kept free of `triton_python_backend_utils` so it is tested directly. Every
+error is an InvalidRequest whose message starts with the name of the input at fault. Work that grows with an
+input's size (tokenizing a text, copying embeddings, converting a list) is only done once its size is known
+to be within the limits.
 """
 from __future__ import annotations
 
@@ -17,17 +19,17 @@ import numpy as np
 import torch
 
 from ..errors import InvalidRequest
-from ..sampling_params import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, SamplingParams
+from ..interface import FLAGS, INPUTS, OPTIONS, PROMPTS
+from ..sampling_params import SamplingParams
 
-PROMPT_INPUTS = ("input_ids", "prompt_embeds", "prompt_embeds_fp32", "prompt_embeds_base64", "text_input")
+# The key lists, from the interface table (interface.py).
+PROMPT_INPUTS = tuple(i.name for i in PROMPTS)
 # Sampling keys accepted as input tensors, inside `sampling_parameters` JSON, or as request parameters.
-SAMPLING_KEYS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids",
-                 "ignore_eos", "stop", "include_stop_str_in_output", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "return_logprobs")
-FLAG_KEYS = ("stream", "exclude_input_in_output", "return_finish_reason", "return_num_input_tokens",
-             "return_num_output_tokens")
+SAMPLING_KEYS = tuple(i.name for i in OPTIONS)
+FLAG_KEYS = tuple(i.name for i in FLAGS)
 MAX_SAMPLING_JSON_BYTES = 64 * 1024
-MAX_LIST_LENGTHS = {"stop_token_ids": MAX_STOP_TOKEN_IDS, "stop": MAX_STOP_STRINGS}
+LIST_KEYS = tuple(i.name for i in OPTIONS if i.kind in ("ints", "strings"))  # their tensors are [-1]
+MAX_LIST_LENGTHS = {i.name: i.max_len for i in INPUTS if i.max_len is not None}
 # Keys that OpenAI-style clients (Triton's OpenAI frontend, benchmark tools) put in sampling_parameters with
 # values that change nothing here; accepted with exactly those values, refused with any other (n=2, a logit
 # bias, top-k logprobs would all change the result). Values may come as strings, as vllm_backend clients send.
@@ -54,7 +56,7 @@ class Limits:
     max_prompt_chars: int | None = None  # the longest text that could fit (None: no tokenizer)
 
 
-INPUT_NAMES = PROMPT_INPUTS + SAMPLING_KEYS + FLAG_KEYS + ("sampling_parameters",)
+INPUT_NAMES = tuple(i.name for i in INPUTS)
 
 
 def take_inputs(get: Callable[[str], np.ndarray | None], limits: Limits) -> dict[str, np.ndarray]:
@@ -177,12 +179,11 @@ def _to_str_list(name: str, v: Any) -> list[str]:
     return out
 
 
-_CONVERT: dict[str, Callable[[str, Any], Any]] = {
-    "max_tokens": _to_int, "min_tokens": _to_int, "temperature": _to_float, "top_p": _to_float, "top_k": _to_int,
-    "seed": _to_int, "stop_token_ids": _to_int_list, "ignore_eos": _to_bool, "stop": _to_str_list,
-    "include_stop_str_in_output": _to_bool, "repetition_penalty": _to_float, "presence_penalty": _to_float,
-    "frequency_penalty": _to_float, "return_logprobs": _to_bool,
+# How each kind of value (interface.KINDS) is converted; the key's name labels its errors.
+_BY_KIND: dict[str, Callable[[str, Any], Any]] = {
+    "int": _to_int, "float": _to_float, "bool": _to_bool, "ints": _to_int_list, "strings": _to_str_list,
 }
+_CONVERT = {i.name: _BY_KIND[i.kind] for i in OPTIONS + FLAGS}
 
 
 def _utf8(name: str, raw: bytes) -> str:
@@ -193,7 +194,7 @@ def _utf8(name: str, raw: bytes) -> str:
 
 
 def _convert(label: str, key: str, value: Any) -> Any:
-    return _CONVERT.get(key, _to_bool)(label, value)
+    return _CONVERT[key](label, value)
 
 
 def _scalar(name: str, arr: np.ndarray) -> Any:
@@ -309,20 +310,19 @@ def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict, tok
     for key in SAMPLING_KEYS + FLAG_KEYS:  # highest precedence: input tensors
         arr = get(key)
         if arr is not None:
-            if key in MAX_LIST_LENGTHS:
+            if key in LIST_KEYS:
                 _check_length(key, arr.reshape(-1))
-            values[key] = _convert(key, key, arr.reshape(-1).tolist() if key in MAX_LIST_LENGTHS
-                                   else _scalar(key, arr))
+            values[key] = _convert(key, key, arr.reshape(-1).tolist() if key in LIST_KEYS else _scalar(key, arr))
 
-    kwargs = {k: values[k] for k in SAMPLING_KEYS if k in values}
-    flags = {k: values[k] for k in FLAG_KEYS if k in values}
-    params = SamplingParams(**kwargs)
+    # An option not sent keeps SamplingParams' default; so does a flag its default (interface.py).
+    params = SamplingParams(**{i.field: values[i.name] for i in OPTIONS if i.name in values})
+    flags = {i.name: values.get(i.name, i.default) for i in FLAGS}
     if params.top_k == -1:
         params.top_k = 0
     if params.max_tokens == -1:  # up to the model length
         params.max_tokens = None
 
-    out = ParsedRequest(params, flags.get("stream", False), flags.get("exclude_input_in_output", False))
+    out = ParsedRequest(params, flags["stream"], flags["exclude_input_in_output"])
     name = present[0]
     arr = get(name)
     _check_size(name, arr, limits)

@@ -250,7 +250,7 @@ def test_client_and_responder_know_every_output():
     responder = _import_with_stub("pagedllm.serving.responder")
     state = types.SimpleNamespace(stream=True, requested=set())
     out = types.SimpleNamespace(new_token_ids=[1], new_text="a", new_logprobs=[-0.5], finish_reason="stop",
-                                num_prompt_tokens=3, num_output_tokens=1)
+                                num_prompt_tokens=3, num_output_tokens=1, num_cached_tokens=0)
     built = dict(responder.build_response(state, out))
     assert sorted(built) == sorted(o.name for o in OUTPUTS)
     for o in OUTPUTS:

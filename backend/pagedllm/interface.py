@@ -119,6 +119,8 @@ OUTPUTS = (
     Output("finish_reason", "BYTES", (1,), "`length` or `stop` on the last response, empty before"),
     Output("num_input_tokens", "UINT32", (1,), "prompt length"),
     Output("num_output_tokens", "UINT32", (1,), "tokens generated so far"),
+    Output("num_cached_tokens", "UINT32", (1,), "prompt tokens whose KV came from the prefix cache when the "
+           "request was first scheduled (a multiple of `block_size`)"),
 )
 
 PROMPTS = tuple(i for i in INPUTS if i.kind == "prompt")  # exactly one per request

@@ -414,6 +414,9 @@ def test_the_launcher_hears_of_a_failure_after_every_request_had_its_error(model
         def report_fatal(self, reason):
             finals_when_reported.append([s.finals for s in senders])
 
+        def report_finalizing(self):  # the model's finalize, at the test's end
+            pass
+
         def poll(self, timeout=0.0):
             time.sleep(timeout)
 

@@ -165,11 +165,13 @@ class AsyncClient(ClientBase):
 
     async def generate(self, prompt: Any = None, *, text: str | None = None, input_ids: Any = None,
                        prompt_embeds: Any = None, timeout: float | None = None,
-                       options: GenerateOptions | None = None, **option_kwargs) -> Result:
-        """Client.generate's arguments (without `stream`: see generate_stream); returns the whole Result."""
+                       options: GenerateOptions | None = None, outputs: tuple[str, ...] | None = None,
+                       **option_kwargs) -> Result:
+        """Client.generate's arguments (without `stream`: see generate_stream); returns the whole Result, which
+        the server sends as one response. gRPC only: `outputs` as for generate_stream."""
         inputs, with_logprobs = self._request(prompt, text, input_ids, prompt_embeds, False, options,
                                               option_kwargs)
-        call = await self._open(inputs, False, timeout)
+        call = await self._open(inputs, False, timeout, outputs)
         outputs = []
         try:
             while (out := await call.next()) is not None:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
-from pagedllm_client import AsyncClient, Chunk, PagedLLMError
+from pagedllm_client import AsyncClient, Chunk, PagedLLMError, Result
 
 from ..errors import CANCELLED, INTERNAL, UNAVAILABLE, error_kind
 from .prompts import Generation
@@ -83,6 +83,16 @@ class Choice:
         self.completion_tokens = chunk.num_output_tokens
         self.cached_tokens = chunk.num_cached_tokens or self.cached_tokens
 
+    def set(self, result: Result) -> None:
+        """The whole generation, from the one response of a non-streamed request."""
+        self.text = [result.text]
+        self.token_ids = list(result.token_ids)
+        self.logprobs = list(result.logprobs or [])
+        self.finish_reason = result.finish_reason or None
+        self.prompt_tokens = result.num_input_tokens
+        self.completion_tokens = result.num_output_tokens
+        self.cached_tokens = result.num_cached_tokens
+
 
 def usage(choices: list[Choice], n: int) -> dict:
     """OpenAI's usage: prompt tokens once per prompt (its n choices share it), every choice's completion tokens;
@@ -101,6 +111,18 @@ class Runner:
     def __init__(self, client: AsyncClient, timeout: float | None = None):
         self.client = client
         self.timeout = timeout
+
+    async def _whole(self, gen: Generation) -> Result:
+        """One non-streamed request (`stream` false): `llm` sends the whole generation as one response.
+        Cancelling this cancels the Triton request."""
+        outputs = LOGPROB_OUTPUTS if gen.options.return_logprobs else TEXT_OUTPUTS
+        try:
+            return await self.client.generate(**gen.prompt.client_kwargs(), options=gen.options,
+                                              timeout=self.timeout, outputs=outputs)
+        except (ValueError, OverflowError) as e:  # a value the model's input tensors cannot hold
+            raise APIError(400, str(e)) from None
+        except PagedLLMError as e:
+            raise api_error(e) from None
 
     async def _chunks(self, gen: Generation) -> AsyncIterator[Chunk]:
         outputs = LOGPROB_OUTPUTS if gen.options.return_logprobs else TEXT_OUTPUTS
@@ -122,16 +144,19 @@ class Runner:
             on_chunk(gen.index, chunk)
 
     async def collect(self, gens: list[Generation], disconnected: Awaitable[None]) -> list[Choice]:
-        """Every choice, whole. The first error is the answer, and the other generations are cancelled; so are
-        they all if the client disconnects first."""
+        """Every choice, whole: one non-streamed request per choice, answered by one response. The first error is
+        the answer, and the other generations are cancelled; so are they all if the client disconnects first."""
         choices = {g.index: Choice(g.index) for g in gens}
-        await until_disconnected(self._run_all(gens, lambda i, c: choices[i].add(c)), disconnected)
+        await until_disconnected(self._run_all(gens, choices), disconnected)
         return [choices[g.index] for g in gens]
 
-    async def _run_all(self, gens: list[Generation], on_chunk) -> None:
+    async def _run_all(self, gens: list[Generation], choices: dict[int, Choice]) -> None:
+        async def one(gen: Generation) -> None:
+            choices[gen.index].set(await self._whole(gen))
+
         # A task per generation, each cancelled below: a gather() that has failed leaves its other children
-        # running, and their streams would go on generating for nobody.
-        tasks = [asyncio.ensure_future(self._one(g, on_chunk)) for g in gens]
+        # running, and their requests would go on generating for nobody.
+        tasks = [asyncio.ensure_future(one(g)) for g in gens]
         try:
             for task in asyncio.as_completed(tasks):
                 await task  # the first error raises; the rest are cancelled below

@@ -335,6 +335,9 @@ def test_a_value_the_models_inputs_cannot_hold_is_a_400_whole_or_streamed():
         def generate_stream(self, **kwargs):
             raise OverflowError("Python integer 4294967312 out of bounds for int32")
 
+        async def generate(self, **kwargs):  # the non-streamed path: one whole response
+            raise OverflowError("Python integer 4294967312 out of bounds for int32")
+
     async def run(stream: bool):
         runner, never = Runner(Client()), asyncio.get_running_loop().create_future()
         gens = [Generation(0, Prompt(text="x"), GenerateOptions(max_tokens=2**32 + 16))]
@@ -592,3 +595,33 @@ def test_numpy_fp16_safetensors_payload(client, model_name, llm_server, tok):
     r = client.completions.create(model=model_name, prompt="", extra_body={"prompt_embeds": payload}, **GREEDY)
     assert r.choices[0].text == greedy_text(llm_server, tok, embeds=t.to(torch.float16))
     assert np.isfinite(r.usage.prompt_tokens)
+
+
+def _counts(openai_server) -> tuple[float, float]:
+    """(responses the front end read from llm, llm requests Triton finished successfully), from our /metrics."""
+    text = requests.get(f"{openai_server.url}/metrics", timeout=10).text
+    responses = float(re.search(r"^pagedllm_openai_llm_responses_total (\S+)$", text, re.M).group(1))
+    done = sum(float(m.group(1)) for m in re.finditer(
+        r'^nv_inference_request_success\{[^}]*model="llm"[^}]*\} (\S+)$', text, re.M))
+    return responses, done
+
+
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_a_non_streamed_request_is_one_llm_response_per_choice(client, model_name, openai_server, route):
+    """Not streamed, each choice is one Triton request with stream=false, answered by one whole response;
+    streamed, a response per step (so the count tells the two paths apart)."""
+    ask = dict(model=model_name, max_tokens=8, temperature=0, n=2, extra_body={"ignore_eos": True})
+    before = _counts(openai_server)
+    if route == "completions":
+        out = client.completions.create(prompt="The capital of France is", logprobs=0, **ask)
+        assert all(len(c.logprobs.tokens) == 8 for c in out.choices)
+    else:
+        out = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], logprobs=True, **ask)
+        assert all(len(c.logprobs.content) == 8 for c in out.choices)
+    assert out.usage.completion_tokens == 16
+    after = _counts(openai_server)
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 2)
+
+    streamed = client.completions.create(prompt="The capital of France is", stream=True, **ask)
+    assert sum(1 for _ in streamed) > 2
+    assert _counts(openai_server)[0] - after[0] > 2

@@ -104,9 +104,10 @@ class AsyncChunkStream(StreamBase):
     """Async iterator over a streaming request's Chunks; the request starts at the first `__anext__`.
     Leaving early (break, aclose(), `async with` exit, garbage collection) cancels it on the server."""
 
-    def __init__(self, open_call, with_logprobs: bool):
+    def __init__(self, open_call, with_logprobs: bool, client=None):
         self._open_call = open_call  # coroutine function returning a call
         self._with_logprobs = with_logprobs
+        self._client = client  # whose responses_read counts each chunk
 
     def __aiter__(self) -> "AsyncChunkStream":
         return self
@@ -124,6 +125,8 @@ class AsyncChunkStream(StreamBase):
         if out is None:
             self.close()
             raise StopAsyncIteration
+        if self._client is not None:
+            self._client.responses_read += 1
         return to_chunk(out, self._with_logprobs)
 
     async def aclose(self) -> None:
@@ -144,6 +147,7 @@ class AsyncClient(ClientBase):
         super().__init__(url, protocol, model, embeds_encoding)
         self._grpc = None  # created inside the running loop
         self._session = None
+        self.responses_read = 0  # responses read from the server, all requests together
 
     def _http_session(self):
         if self._session is None:
@@ -175,6 +179,7 @@ class AsyncClient(ClientBase):
         outputs = []
         try:
             while (out := await call.next()) is not None:
+                self.responses_read += 1
                 outputs.append(out)
         finally:
             call.close()
@@ -190,7 +195,7 @@ class AsyncClient(ClientBase):
         # Argument errors raise here, not at the first chunk.
         inputs, with_logprobs = self._request(prompt, text, input_ids, prompt_embeds, True, options,
                                               option_kwargs)
-        return AsyncChunkStream(lambda: self._open(inputs, True, timeout, outputs), with_logprobs)
+        return AsyncChunkStream(lambda: self._open(inputs, True, timeout, outputs), with_logprobs, self)
 
     async def is_ready(self, timeout: float = 5.0) -> bool:
         """Whether the server answers and the model is ready (False rather than an error when unreachable)."""

@@ -66,7 +66,8 @@ def build_app(settings: Settings) -> FastAPI:
         if settings.metrics_url is None:
             raise APIError(404, "no metrics URL configured (--metrics-url)")
         try:
-            return PlainTextResponse(await asyncio.to_thread(_fetch, settings.metrics_url))
+            text = await asyncio.to_thread(_fetch, settings.metrics_url)
+            return PlainTextResponse(text + state.runner.metrics_text())
         except OSError as e:  # URLError, a timeout, a refused connection: Triton's metrics are not there
             raise APIError(503, f"Triton's metrics at {settings.metrics_url} could not be read ({e})") from None
 

@@ -112,17 +112,24 @@ class Runner:
         self.client = client
         self.timeout = timeout
 
+    def metrics_text(self) -> str:
+        """The front end's own counter, in Prometheus text format (after Triton's on /metrics)."""
+        return ("# HELP pagedllm_openai_llm_responses_total Responses the OpenAI front end read from the llm "
+                "model\n# TYPE pagedllm_openai_llm_responses_total counter\n"
+                f"pagedllm_openai_llm_responses_total {self.client.responses_read}\n")
+
     async def _whole(self, gen: Generation) -> Result:
         """One non-streamed request (`stream` false): `llm` sends the whole generation as one response.
         Cancelling this cancels the Triton request."""
         outputs = LOGPROB_OUTPUTS if gen.options.return_logprobs else TEXT_OUTPUTS
         try:
-            return await self.client.generate(**gen.prompt.client_kwargs(), options=gen.options,
-                                              timeout=self.timeout, outputs=outputs)
+            result = await self.client.generate(**gen.prompt.client_kwargs(), options=gen.options,
+                                                timeout=self.timeout, outputs=outputs)
         except (ValueError, OverflowError) as e:  # a value the model's input tensors cannot hold
             raise APIError(400, str(e)) from None
         except PagedLLMError as e:
             raise api_error(e) from None
+        return result
 
     async def _chunks(self, gen: Generation) -> AsyncIterator[Chunk]:
         outputs = LOGPROB_OUTPUTS if gen.options.return_logprobs else TEXT_OUTPUTS

@@ -40,6 +40,22 @@ async def grpc_request(client: AsyncClient, ids: list[int], max_tokens: int) -> 
     return events
 
 
+async def grpc_whole(client: AsyncClient, ids: list[int], max_tokens: int) -> list[tuple[float, int]]:
+    """A non-streamed request (stream=false: one whole response): [(its arrival time, its tokens)]."""
+    result = await client.generate(input_ids=ids, max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return [(time.perf_counter(), len(result.token_ids))]
+
+
+async def openai_whole(session, url: str, model: str, ids: list[int], max_tokens: int
+                       ) -> list[tuple[float, int]]:
+    """A non-streamed /v1/completions: [(its arrival time, its completion tokens)]."""
+    body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    async with session.post(f"{url}/v1/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        tokens = (await r.json())["usage"]["completion_tokens"]
+    return [(time.perf_counter(), tokens)]
+
+
 async def openai_request(session, url: str, model: str, ids: list[int], max_tokens: int
                          ) -> list[tuple[float, int]]:
     """A streamed /v1/completions. An event carries one engine step's text (a token whose text is still
@@ -78,7 +94,8 @@ async def run_load(send, prompts: list[list[int]], concurrency: int) -> dict:
     elapsed = time.perf_counter() - t0
     return {"tok_s": tokens / elapsed, "elapsed_s": elapsed, "tokens": tokens,
             "ttft_ms_p50": 1e3 * float(np.percentile(ttft, 50)), "ttft_ms_p99": 1e3 * float(np.percentile(ttft, 99)),
-            "itl_ms_p50": 1e3 * float(np.percentile(itl, 50)), "itl_ms_p99": 1e3 * float(np.percentile(itl, 99))}
+            "itl_ms_p50": 1e3 * float(np.percentile(itl, 50)) if itl else float("nan"),  # none when not streamed
+            "itl_ms_p99": 1e3 * float(np.percentile(itl, 99)) if itl else float("nan")}
 
 
 async def measure(grpc_url: str, openai_url: str, model: str, prompts, args) -> dict[str, list[dict]]:
@@ -87,8 +104,9 @@ async def measure(grpc_url: str, openai_url: str, model: str, prompts, args) -> 
     grpc_client = AsyncClient(grpc_url)
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
                                     connector=aiohttp.TCPConnector(limit=args.concurrency))
-    paths = {"grpc": lambda ids: grpc_request(grpc_client, ids, args.max_tokens),
-             "openai": lambda ids: openai_request(session, openai_url, model, ids, args.max_tokens)}
+    grpc_send, openai_send = (grpc_whole, openai_whole) if args.no_stream else (grpc_request, openai_request)
+    paths = {"grpc": lambda ids: grpc_send(grpc_client, ids, args.max_tokens),
+             "openai": lambda ids: openai_send(session, openai_url, model, ids, args.max_tokens)}
     try:
         for send in paths.values():  # warm-up: connections, first compiles
             await run_load(send, prompts[:args.concurrency], args.concurrency)
@@ -118,6 +136,8 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-stream", action="store_true",
+                    help="non-streamed requests on both paths (TTFT is then the whole request's latency)")
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()
 
